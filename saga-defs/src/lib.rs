@@ -1,0 +1,19 @@
+//! Everything the orchestrator and the participants agree on, with no I/O:
+//! saga definitions (loaded from data and validated), the saga state machine,
+//! the message contracts and the names that are persisted or put on the wire.
+//!
+//! Names in [`contract`] and the serde representations in [`messages`] are part of
+//! the durable contract: renaming one needs a migration of stored data and topics.
+
+pub mod contract;
+pub mod definition;
+pub mod ids;
+pub mod machine;
+pub mod messages;
+pub mod status;
+
+pub use definition::{DefinitionError, RetryPolicy, SagaDefinition, StepDefinition, Registry};
+pub use ids::{SagaId, SagaType, StepName};
+pub use machine::{apply, start, AttemptOutcome, Clock, SagaEvent, SagaState, StepCommand, Transition, TransitionError, Waiting};
+pub use messages::{CommandEnvelope, ReplyEnvelope, ReplyOutcome, StepError, StartSagaRequest};
+pub use status::{SagaStatus, StepKind};

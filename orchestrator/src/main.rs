@@ -1,1 +1,112 @@
-fn main() {}
+//! The saga orchestrator. `main` only wires the parts together.
+
+mod config;
+mod engine;
+mod http;
+mod inbound;
+mod metrics;
+mod store;
+mod timers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches};
+use saga_defs::contract::{commands_topic, EVENTS_TOPIC, REPLIES_TOPIC, START_REQUESTS_TOPIC};
+use saga_defs::Registry;
+use saga_runtime::{consumer, db, health, kafka, outbox, shutdown, telemetry};
+
+use crate::config::{Command, Config};
+
+fn orchestrator_migrations() -> sqlx::migrate::Migrator {
+    sqlx::migrate!("../migrations/orchestrator")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let command = Config::command().mut_arg("database_url", |a| {
+        a.default_value("postgres://postgres@127.0.0.1:5432/saga_orchestrator").required(false)
+    });
+    let config = Config::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    telemetry::init_logs(&config.telemetry);
+    let registry = Arc::new(Registry::embedded()?);
+    let result = match config.command {
+        None | Some(Command::Serve) => serve(config, registry).await,
+        Some(Command::Migrate) => {
+            db::connect(&config.database, migrations()).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Some(Command::CreateTopics) => kafka::ensure_topics(&config.kafka, &topics(&config, &registry)).await,
+        Some(Command::Definitions) => {
+            let all: Vec<_> = registry.all().collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            Ok(())
+        }
+    };
+    if let Err(error) = &result {
+        tracing::error!(error = format!("{error:#}"), "orchestrator stopped");
+    }
+    result
+}
+
+fn migrations() -> Vec<sqlx::migrate::Migrator> {
+    vec![db::outbox_migrations(), orchestrator_migrations()]
+}
+
+/// Every topic the loaded definitions need.
+fn topics(config: &Config, registry: &Registry) -> Vec<String> {
+    let mut names: Vec<String> = registry.participants().iter().map(|p| commands_topic(p)).collect();
+    names.extend([REPLIES_TOPIC, START_REQUESTS_TOPIC, EVENTS_TOPIC].map(String::from));
+    names.iter().map(|n| config.kafka.topic(n)).collect()
+}
+
+async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
+    telemetry::serve_metrics(config.metrics_addr)?;
+    crate::metrics::describe();
+    for definition in registry.all() {
+        tracing::info!(saga_type = %definition.name, version = definition.version, steps = definition.steps.len(), "loaded saga definition");
+    }
+    let pool = db::connect(&config.database, migrations()).await?;
+    kafka::ensure_topics(&config.kafka, &topics(&config, &registry)).await?;
+    let producer = kafka::producer(&config.kafka, "saga-orchestrator")?;
+    let replies_topic = config.kafka.topic(REPLIES_TOPIC);
+    let start_topic = config.kafka.topic(START_REQUESTS_TOPIC);
+    let consumer =
+        kafka::consumer(&config.kafka, &config.kafka_group_id, &[replies_topic.clone(), start_topic.clone()])?;
+    let engine = Arc::new(engine::Engine::new(registry, config.kafka.kafka_topic_prefix.clone()));
+    let shutdown = shutdown::on_signal();
+
+    let mut tasks = vec![
+        tokio::spawn(outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone())),
+        tokio::spawn(outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone())),
+        tokio::spawn(timers::run(
+            pool.clone(),
+            engine.clone(),
+            config.timer_interval,
+            config.timer_batch_size,
+            shutdown.clone(),
+        )),
+        tokio::spawn(timers::sample_gauges(
+            pool.clone(),
+            config.database.database_max_connections,
+            Duration::from_secs(5),
+            shutdown.clone(),
+        )),
+    ];
+    let inbound = inbound::Inbound { pool: pool.clone(), engine: engine.clone(), replies_topic, start_topic };
+    let batch_size = config.kafka.kafka_batch_size;
+    let consumer_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        consumer::run(&consumer, batch_size, &inbound, consumer_shutdown).await;
+    }));
+
+    let state = http::AppState { pool: pool.clone(), engine, redact: Arc::new(config.redact_fields.clone()) };
+    let readiness = health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer };
+    let router = http::router(state).merge(health::router(readiness));
+    let served = health::serve(config.http_addr, router, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(tasks)).await;
+    pool.close().await;
+    served
+}

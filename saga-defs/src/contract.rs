@@ -40,4 +40,6 @@ pub mod codes {
     pub const STEP_TIMEOUT: &str = "STEP_TIMEOUT";
     /// Recorded when a completed step has no compensation, so the saga cannot be undone.
     pub const NOT_COMPENSATABLE: &str = "NOT_COMPENSATABLE";
+    /// Stored by a participant for an action whose compensation arrived first: a late action is refused.
+    pub const ALREADY_COMPENSATED: &str = "ALREADY_COMPENSATED";
 }

@@ -105,19 +105,16 @@ pub enum DefinitionError {
 impl SagaDefinition {
     /// Parses and validates one definition document.
     pub fn from_json(file: &str, text: &str) -> Result<Self, DefinitionError> {
-        let definition: SagaDefinition = serde_json::from_str(text)
-            .map_err(|source| DefinitionError::Parse { file: file.to_owned(), source })?;
+        let definition: SagaDefinition =
+            serde_json::from_str(text).map_err(|source| DefinitionError::Parse { file: file.to_owned(), source })?;
         definition.validate()?;
         Ok(definition)
     }
 
     /// Checks what the engine relies on. A definition that passes can be executed.
     pub fn validate(&self) -> Result<(), DefinitionError> {
-        let invalid = |problem: String| DefinitionError::Invalid {
-            saga: self.name.to_string(),
-            version: self.version,
-            problem,
-        };
+        let invalid =
+            |problem: String| DefinitionError::Invalid { saga: self.name.to_string(), version: self.version, problem };
         if self.version == 0 {
             return Err(invalid("version must be 1 or more".into()));
         }
@@ -244,8 +241,7 @@ impl Registry {
 
     /// Every participant named by any definition.
     pub fn participants(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            self.all().flat_map(|d| d.steps.iter().map(|s| s.participant.clone())).collect();
+        let mut names: Vec<String> = self.all().flat_map(|d| d.steps.iter().map(|s| s.participant.clone())).collect();
         names.sort();
         names.dedup();
         names
@@ -261,10 +257,7 @@ mod tests {
         let registry = Registry::embedded().unwrap();
         let saga = registry.latest(crate::contract::ORDER_FULFILMENT).unwrap();
         let names: Vec<&str> = saga.steps.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["verify_order", "reserve_inventory", "charge_payment", "create_shipment", "approve_order"]
-        );
+        assert_eq!(names, ["verify_order", "reserve_inventory", "charge_payment", "create_shipment", "approve_order"]);
         assert_eq!(saga.steps[2].retry.max_attempts, Some(3), "payment is tried 3 times");
         assert!(saga.steps[4].compensation.is_none());
         assert_eq!(registry.participants(), ["fulfilment", "inventory", "order", "payment"]);
@@ -280,9 +273,7 @@ mod tests {
     #[test]
     fn invalid_definitions_are_refused_with_the_reason() {
         let step = |name: &str, extra: &str| {
-            format!(
-                r#"{{"name":"{name}","participant":"p","action":"a","timeout_ms":100,"retry":{POLICY}{extra}}}"#
-            )
+            format!(r#"{{"name":"{name}","participant":"p","action":"a","timeout_ms":100,"retry":{POLICY}{extra}}}"#)
         };
         let comp = format!(r#","compensation":{{"action":"undo","timeout_ms":100,"retry":{POLICY}}}"#);
         let cases = [
@@ -293,17 +284,17 @@ mod tests {
             (doc(&step("a", "").replace("\"timeout_ms\":100", "\"timeout_ms\":0")), "timeout_ms"),
             (doc(&step("a", "").replace("\"jitter\":0.0", "\"jitter\":2.0")), "jitter"),
             (doc(&step("a", "").replace("\"max_attempts\":3", "\"max_attempts\":0")), "max_attempts"),
-            (doc(&step("a", "").replace("\"initial_backoff_ms\":10", "\"initial_backoff_ms\":1000")), "initial_backoff_ms"),
+            (
+                doc(&step("a", "").replace("\"initial_backoff_ms\":10", "\"initial_backoff_ms\":1000")),
+                "initial_backoff_ms",
+            ),
         ];
         for (text, expected) in cases {
             let err = SagaDefinition::from_json("t.json", &text).unwrap_err().to_string();
             assert!(err.contains(expected), "{err:?} should mention {expected:?}");
         }
         let unknown_field = r#"{"name":"s","version":1,"stepz":[]}"#;
-        assert!(matches!(
-            SagaDefinition::from_json("t.json", unknown_field),
-            Err(DefinitionError::Parse { .. })
-        ));
+        assert!(matches!(SagaDefinition::from_json("t.json", unknown_field), Err(DefinitionError::Parse { .. })));
     }
 
     #[test]

@@ -12,8 +12,10 @@ pub mod machine;
 pub mod messages;
 pub mod status;
 
-pub use definition::{DefinitionError, RetryPolicy, SagaDefinition, StepDefinition, Registry};
+pub use definition::{DefinitionError, Registry, RetryPolicy, SagaDefinition, StepDefinition};
 pub use ids::{SagaId, SagaType, StepName};
-pub use machine::{apply, start, AttemptOutcome, Clock, SagaEvent, SagaState, StepCommand, Transition, TransitionError, Waiting};
-pub use messages::{CommandEnvelope, ReplyEnvelope, ReplyOutcome, StepError, StartSagaRequest};
+pub use machine::{
+    apply, start, AttemptOutcome, Clock, SagaEvent, SagaState, StepCommand, Transition, TransitionError, Waiting,
+};
+pub use messages::{CommandEnvelope, ReplyEnvelope, ReplyOutcome, StartSagaRequest, StepError};
 pub use status::{SagaStatus, StepKind};

@@ -145,8 +145,7 @@ pub fn start(definition: &SagaDefinition, clock: Clock) -> Transition {
         failure: None,
         attention: None,
     };
-    send(definition, state, 0, StepKind::Action, 1, None, clock)
-        .expect("a validated definition has at least one step")
+    send(definition, state, 0, StepKind::Action, 1, None, clock).expect("a validated definition has at least one step")
 }
 
 /// Applies one event to a saga.
@@ -246,7 +245,9 @@ fn on_failure(
     let step = &definition.steps[state.step_index];
     let policy: &RetryPolicy = match state.kind {
         StepKind::Action => &step.retry,
-        StepKind::Compensation => &step.compensation.as_ref().ok_or(TransitionError::UnknownStep(state.step_index))?.retry,
+        StepKind::Compensation => {
+            &step.compensation.as_ref().ok_or(TransitionError::UnknownStep(state.step_index))?.retry
+        }
     };
     let (code, message) = match &finished.outcome {
         AttemptOutcome::Failed(error) => (error.code.clone(), error.message.clone()),
@@ -274,9 +275,7 @@ fn on_failure(
             let undo_from = if timed_out { state.step_index + 1 } else { state.step_index };
             let mut next = state.clone();
             next.failure = Some(info.clone());
-            if let Some(blocker) =
-                definition.steps[..undo_from].iter().find(|s| s.compensation.is_none())
-            {
+            if let Some(blocker) = definition.steps[..undo_from].iter().find(|s| s.compensation.is_none()) {
                 let mut transition = end(&next, SagaStatus::NeedsAttention, Some(finished));
                 transition.next.attention = Some(FailureInfo {
                     step: blocker.name.clone(),

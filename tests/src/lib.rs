@@ -1,1 +1,259 @@
+//! The end-to-end harness: runs the real orchestrator and participant binaries as processes
+//! against the real Postgres and broker. Each [`System`] gets its own databases, topic prefix and
+//! consumer groups, so tests run side by side without seeing each other.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
+
+fn postgres_base() -> String {
+    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Where cargo put the binaries: next to this test executable's `deps/` folder.
+fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SAGA_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").to_path_buf()
+}
+
+fn binary(service: &str) -> PathBuf {
+    let name =
+        if service == "orchestrator" { "saga-orchestrator".to_owned() } else { format!("saga-participant-{service}") };
+    bin_dir().join(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+struct Process {
+    http_port: u16,
+    metrics_port: u16,
+    child: Option<Child>,
+}
+
+/// A whole running system.
+pub struct System {
+    pub run_id: String,
+    processes: BTreeMap<&'static str, Process>,
+    pub http: reqwest::Client,
+    log_dir: PathBuf,
+}
+
+impl System {
+    /// Starts every service and waits until each is ready.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_without(&[]).await
+    }
+
+    /// Starts every service except `skip` (to simulate a participant that never answers).
+    pub async fn start_without(skip: &[&str]) -> anyhow::Result<Self> {
+        let run_id = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let log_dir = bin_dir().join("e2e-logs").join(&run_id);
+        std::fs::create_dir_all(&log_dir)?;
+        let mut system = System { run_id, processes: BTreeMap::new(), http: reqwest::Client::new(), log_dir };
+        for service in SERVICES {
+            system
+                .processes
+                .insert(service, Process { http_port: free_port(), metrics_port: free_port(), child: None });
+        }
+        // The orchestrator first: it creates the databases' neighbours' topics too.
+        for service in SERVICES.iter().filter(|s| !skip.contains(s)) {
+            system.spawn(service)?;
+        }
+        for service in SERVICES.iter().filter(|s| !skip.contains(s)) {
+            system.wait_ready(service, Duration::from_secs(90)).await?;
+        }
+        Ok(system)
+    }
+
+    pub fn database_url(&self, service: &str) -> String {
+        format!("{}/sagatest_{}_{}", postgres_base(), self.run_id, service)
+    }
+
+    pub fn topic_prefix(&self) -> String {
+        format!("{}.", self.run_id)
+    }
+
+    /// Starts (or restarts) one service's process.
+    pub fn spawn(&mut self, service: &'static str) -> anyhow::Result<()> {
+        let database_url = self.database_url(service);
+        let topic_prefix = self.topic_prefix();
+        let group = format!("{}-{}", self.run_id, service);
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join(format!("{service}.log")))?;
+        let process = self.processes.get_mut(service).context("unknown service")?;
+        let mut command = Command::new(binary(service));
+        command
+            .env("DATABASE_URL", database_url)
+            .env("KAFKA_BROKERS", brokers())
+            .env("KAFKA_TOPIC_PREFIX", topic_prefix)
+            .env("KAFKA_GROUP_ID", group)
+            .env(
+                "KAFKA_CONSUMER_PROPERTIES",
+                std::env::var("KAFKA_CONSUMER_PROPERTIES").unwrap_or_else(|_| {
+                    "session.timeout.ms=2000,heartbeat.interval.ms=500,max.poll.interval.ms=10000,fetch.wait.max.ms=10".to_owned()
+                }),
+            )
+            .env("HTTP_ADDR", format!("127.0.0.1:{}", process.http_port))
+            .env("METRICS_ADDR", format!("127.0.0.1:{}", process.metrics_port))
+            .env("LOG_FORMAT", "text")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        process.child = Some(command.spawn().with_context(|| {
+            format!(
+                "cannot start {} (build the binaries first: cargo build --workspace --bins)",
+                binary(service).display()
+            )
+        })?);
+        Ok(())
+    }
+
+    /// Kills a service with SIGKILL: no shutdown, no final offset commit.
+    pub async fn kill(&mut self, service: &str) -> anyhow::Result<()> {
+        let process = self.processes.get_mut(service).context("unknown service")?;
+        if let Some(mut child) = process.child.take() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        Ok(())
+    }
+
+    pub fn url(&self, service: &str, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.processes[service].http_port, path)
+    }
+
+    pub async fn wait_ready(&self, service: &str, timeout: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = self.http.get(self.url(service, "/ready")).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > timeout {
+                bail!("{service} not ready after {timeout:?}; see {}", self.log_dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Scrapes one metric sample (exact name and labels as printed) from a service.
+    pub async fn metric(&self, service: &str, sample: &str) -> anyhow::Result<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.processes[service].metrics_port);
+        let text = self.http.get(url).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0))
+    }
+
+    pub async fn pool(&self, service: &str) -> anyhow::Result<PgPool> {
+        Ok(PgPoolOptions::new().max_connections(2).connect(&self.database_url(service)).await?)
+    }
+
+    pub async fn set_stock(&self, sku: &str, available: i64) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .put(self.url("inventory", &format!("/api/v1/stock/{sku}")))
+            .json(&json!({"available": available}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("setting stock failed: {}", response.text().await?);
+        }
+        Ok(())
+    }
+
+    pub async fn stock(&self, sku: &str) -> anyhow::Result<i64> {
+        let body: Value =
+            self.http.get(self.url("inventory", &format!("/api/v1/stock/{sku}"))).send().await?.json().await?;
+        body["available"].as_i64().context("no available count")
+    }
+
+    /// Places an order; returns the HTTP status and body.
+    pub async fn place_order(&self, key: &str, order: &Value) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(self.url("order", "/api/v1/orders"))
+            .header("Idempotency-Key", key)
+            .json(order)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+
+    pub async fn saga(&self, id: &str) -> anyhow::Result<Value> {
+        let response = self.http.get(self.url("orchestrator", &format!("/api/v1/sagas/{id}"))).send().await?;
+        if !response.status().is_success() {
+            bail!("GET saga {id}: {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Waits until a saga has a terminal status, and returns it.
+    pub async fn wait_terminal(&self, saga_id: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        loop {
+            if let Ok(saga) = self.saga(saga_id).await {
+                if matches!(saga["status"].as_str(), Some("COMPLETED" | "FAILED" | "NEEDS_ATTENTION")) {
+                    return Ok(saga);
+                }
+                if started.elapsed() > timeout {
+                    bail!("saga {saga_id} still {} after {timeout:?}: {saga:#}", saga["status"]);
+                }
+            } else if started.elapsed() > timeout {
+                bail!("saga {saga_id} never appeared within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn order(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self.http.get(self.url("order", &format!("/api/v1/orders/{id}"))).send().await?.json().await?)
+    }
+
+    /// Stops every process and drops the run's databases.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for service in SERVICES {
+            self.kill(service).await?;
+        }
+        let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", postgres_base())).await?;
+        for service in SERVICES {
+            let name = format!("sagatest_{}_{}", self.run_id, service);
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&admin).await?;
+        }
+        Ok(())
+    }
+}
+
+/// An order body for tests.
+pub fn order_body(sku: &str, quantity: i64, token: &str, postal_code: &str) -> Value {
+    json!({
+        "customer_id": "customer-1",
+        "items": [{"sku": sku, "quantity": quantity, "unit_price_cents": 1250}],
+        "currency": "USD",
+        "payment_token": token,
+        "shipping_address": {"line1": "1 Main St", "city": "Springfield", "postal_code": postal_code, "country": "US"}
+    })
+}

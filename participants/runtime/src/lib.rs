@@ -1,1 +1,18 @@
+//! The runtime every service on the saga bus shares: typed configuration, telemetry, the Postgres
+//! pool and migrations, Kafka clients, the transactional outbox and its relay, the at-least-once
+//! batch consumer, health endpoints, and the participant command loop.
+//!
+//! The orchestrator uses it for the outbox and Kafka plumbing; participants also use its
+//! [`participant`] loop, so a participant service only writes its business logic.
 
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod health;
+pub mod kafka;
+pub mod outbox;
+pub mod participant;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;

@@ -71,7 +71,17 @@ struct Expect {
 }
 
 fn expect(status: SagaStatus, step: usize, kind: StepKind, attempt: u32, waiting: Waiting) -> Expect {
-    Expect { status, step, kind, attempt, waiting, command: None, finished: None, failure_code: None, attention_code: None }
+    Expect {
+        status,
+        step,
+        kind,
+        attempt,
+        waiting,
+        command: None,
+        finished: None,
+        failure_code: None,
+        attention_code: None,
+    }
 }
 
 impl Expect {
@@ -121,81 +131,192 @@ fn every_transition_of_the_order_saga() {
     let late = Clock { now: at_ms(10_001), random: 0.0 };
     let comp_pending = |step, attempt| {
         let mut s = awaiting(COMP, step, C, attempt);
-        s.failure = Some(FailureInfo { step: StepName::parse("charge_payment").unwrap(), code: "PAYMENT_DECLINED".into(), message: "m".into() });
+        s.failure = Some(FailureInfo {
+            step: StepName::parse("charge_payment").unwrap(),
+            code: "PAYMENT_DECLINED".into(),
+            message: "m".into(),
+        });
         s
     };
     let cases: Vec<(&str, SagaState, SagaEvent, Clock, Expect)> = vec![
-        ("a step succeeds: the next step's action is sent",
-            awaiting(RUN, 0, A, 1), ok(0, A, 1), clock(),
-            expect(RUN, 1, A, 1, reply_wait()).sends("reserve_inventory", 1).ends("succeeded")),
-        ("a retried step succeeds: the next step starts at attempt 1",
-            awaiting(RUN, 2, A, 3), ok(2, A, 3), clock(),
-            expect(RUN, 3, A, 1, reply_wait()).sends("create_shipment", 1).ends("succeeded")),
-        ("the shipment succeeds: the order is approved",
-            awaiting(RUN, 3, A, 1), ok(3, A, 1), clock(),
-            expect(RUN, 4, A, 1, reply_wait()).sends("approve_order", 1).ends("succeeded")),
-        ("the last step succeeds: the saga is completed",
-            awaiting(RUN, 4, A, 1), ok(4, A, 1), clock(),
-            expect(DONE, 4, A, 1, Waiting::Nothing).ends("succeeded")),
-        ("the first step is refused: nothing to undo, the saga fails at once",
-            awaiting(RUN, 0, A, 1), failed(0, A, 1, "ORDER_NOT_FOUND", false), clock(),
-            expect(FAILED, 0, A, 1, Waiting::Nothing).ends("failed").failure("ORDER_NOT_FOUND")),
-        ("no stock: the order is rejected (verify_order compensated)",
-            awaiting(RUN, 1, A, 1), failed(1, A, 1, "INVENTORY_UNAVAILABLE", false), clock(),
-            expect(COMP, 0, C, 1, reply_wait()).sends("reject_order", 1).ends("failed").failure("INVENTORY_UNAVAILABLE")),
-        ("a declined card: the reservation is released first",
-            awaiting(RUN, 2, A, 1), failed(2, A, 1, "PAYMENT_DECLINED", false), clock(),
-            expect(COMP, 1, C, 1, reply_wait()).sends("release_inventory", 1).ends("failed").failure("PAYMENT_DECLINED")),
-        ("an undeliverable address: the charge is refunded first",
-            awaiting(RUN, 3, A, 1), failed(3, A, 1, "INVALID_ADDRESS", false), clock(),
-            expect(COMP, 2, C, 1, reply_wait()).sends("refund_payment", 1).ends("failed").failure("INVALID_ADDRESS")),
-        ("a transient failure with attempts left waits for the backoff",
-            awaiting(RUN, 2, A, 1), failed(2, A, 1, "PAYMENT_GATEWAY_TIMEOUT", true), clock(),
-            expect(RUN, 2, A, 1, Waiting::Retry { at: at_ms(200) }).ends("failed")),
-        ("the backoff grows with the attempt number",
-            awaiting(RUN, 2, A, 2), failed(2, A, 2, "PAYMENT_GATEWAY_TIMEOUT", true), clock(),
-            expect(RUN, 2, A, 2, Waiting::Retry { at: at_ms(400) }).ends("failed")),
-        ("a transient failure on the last attempt compensates like a refusal",
-            awaiting(RUN, 2, A, 3), failed(2, A, 3, "PAYMENT_GATEWAY_TIMEOUT", true), clock(),
-            expect(COMP, 1, C, 1, reply_wait()).sends("release_inventory", 1).ends("failed").failure("PAYMENT_GATEWAY_TIMEOUT")),
-        ("a backoff that ran out sends the next attempt",
-            state(RUN, 2, A, 1, Waiting::Retry { at: at_ms(200) }), SagaEvent::TimerFired, Clock { now: at_ms(200), random: 0.0 },
-            expect(RUN, 2, A, 2, Waiting::Reply { deadline: at_ms(10_200) }).sends("charge_payment", 2)),
-        ("no reply before the deadline is retried",
-            awaiting(RUN, 2, A, 1), SagaEvent::TimerFired, late,
-            expect(RUN, 2, A, 1, Waiting::Retry { at: at_ms(10_201) }).ends("timed_out")),
-        ("no reply on the last attempt compensates that step too, since it may have acted",
-            awaiting(RUN, 2, A, 3), SagaEvent::TimerFired, late,
-            expect(COMP, 2, C, 1, Waiting::Reply { deadline: at_ms(20_001) }).sends("refund_payment", 1).ends("timed_out").failure("STEP_TIMEOUT")),
-        ("a compensation succeeds: the one below it runs",
-            comp_pending(1, 1), ok(1, C, 1), clock(),
-            expect(COMP, 0, C, 1, reply_wait()).sends("reject_order", 1).ends("succeeded").failure("PAYMENT_DECLINED")),
-        ("the last compensation succeeds: the saga has failed cleanly",
-            comp_pending(0, 2), ok(0, C, 2), clock(),
-            expect(FAILED, 0, C, 2, Waiting::Nothing).ends("succeeded").failure("PAYMENT_DECLINED")),
-        ("a failed compensation is retried even when the error says it is not retryable",
-            comp_pending(1, 1), failed(1, C, 1, "DB_DOWN", false), clock(),
-            expect(COMP, 1, C, 1, Waiting::Retry { at: at_ms(200) }).ends("failed").failure("PAYMENT_DECLINED")),
-        ("a compensation that fails on its last attempt needs attention",
-            comp_pending(1, 10), failed(1, C, 10, "DB_DOWN", true), clock(),
-            expect(ATTN, 1, C, 10, Waiting::Nothing).ends("failed").failure("PAYMENT_DECLINED").attention("DB_DOWN")),
-        ("a compensation that times out on its last attempt needs attention",
-            comp_pending(2, 10), SagaEvent::TimerFired, late,
-            expect(ATTN, 2, C, 10, Waiting::Nothing).ends("timed_out").failure("PAYMENT_DECLINED").attention("STEP_TIMEOUT")),
-        ("a compensation's backoff ran out: it is sent again",
-            state(COMP, 1, C, 4, Waiting::Retry { at: at_ms(0) }), SagaEvent::TimerFired, clock(),
-            expect(COMP, 1, C, 5, reply_wait()).sends("release_inventory", 5)),
-        ("a step retried until it succeeds keeps retrying past any count",
-            awaiting(RUN, 4, A, 1000), failed(4, A, 1000, "DB_DOWN", true), clock(),
-            expect(RUN, 4, A, 1000, Waiting::Retry { at: at_ms(30_000) }).ends("failed")),
-        ("a refusal of the last step undoes every compensatable step before it",
-            awaiting(RUN, 4, A, 1), failed(4, A, 1, "ORDER_CANCELLED", false), clock(),
-            expect(COMP, 3, C, 1, reply_wait()).sends("cancel_shipment", 1).ends("failed").failure("ORDER_CANCELLED")),
+        (
+            "a step succeeds: the next step's action is sent",
+            awaiting(RUN, 0, A, 1),
+            ok(0, A, 1),
+            clock(),
+            expect(RUN, 1, A, 1, reply_wait()).sends("reserve_inventory", 1).ends("succeeded"),
+        ),
+        (
+            "a retried step succeeds: the next step starts at attempt 1",
+            awaiting(RUN, 2, A, 3),
+            ok(2, A, 3),
+            clock(),
+            expect(RUN, 3, A, 1, reply_wait()).sends("create_shipment", 1).ends("succeeded"),
+        ),
+        (
+            "the shipment succeeds: the order is approved",
+            awaiting(RUN, 3, A, 1),
+            ok(3, A, 1),
+            clock(),
+            expect(RUN, 4, A, 1, reply_wait()).sends("approve_order", 1).ends("succeeded"),
+        ),
+        (
+            "the last step succeeds: the saga is completed",
+            awaiting(RUN, 4, A, 1),
+            ok(4, A, 1),
+            clock(),
+            expect(DONE, 4, A, 1, Waiting::Nothing).ends("succeeded"),
+        ),
+        (
+            "the first step is refused: nothing to undo, the saga fails at once",
+            awaiting(RUN, 0, A, 1),
+            failed(0, A, 1, "ORDER_NOT_FOUND", false),
+            clock(),
+            expect(FAILED, 0, A, 1, Waiting::Nothing).ends("failed").failure("ORDER_NOT_FOUND"),
+        ),
+        (
+            "no stock: the order is rejected (verify_order compensated)",
+            awaiting(RUN, 1, A, 1),
+            failed(1, A, 1, "INVENTORY_UNAVAILABLE", false),
+            clock(),
+            expect(COMP, 0, C, 1, reply_wait())
+                .sends("reject_order", 1)
+                .ends("failed")
+                .failure("INVENTORY_UNAVAILABLE"),
+        ),
+        (
+            "a declined card: the reservation is released first",
+            awaiting(RUN, 2, A, 1),
+            failed(2, A, 1, "PAYMENT_DECLINED", false),
+            clock(),
+            expect(COMP, 1, C, 1, reply_wait())
+                .sends("release_inventory", 1)
+                .ends("failed")
+                .failure("PAYMENT_DECLINED"),
+        ),
+        (
+            "an undeliverable address: the charge is refunded first",
+            awaiting(RUN, 3, A, 1),
+            failed(3, A, 1, "INVALID_ADDRESS", false),
+            clock(),
+            expect(COMP, 2, C, 1, reply_wait()).sends("refund_payment", 1).ends("failed").failure("INVALID_ADDRESS"),
+        ),
+        (
+            "a transient failure with attempts left waits for the backoff",
+            awaiting(RUN, 2, A, 1),
+            failed(2, A, 1, "PAYMENT_GATEWAY_TIMEOUT", true),
+            clock(),
+            expect(RUN, 2, A, 1, Waiting::Retry { at: at_ms(200) }).ends("failed"),
+        ),
+        (
+            "the backoff grows with the attempt number",
+            awaiting(RUN, 2, A, 2),
+            failed(2, A, 2, "PAYMENT_GATEWAY_TIMEOUT", true),
+            clock(),
+            expect(RUN, 2, A, 2, Waiting::Retry { at: at_ms(400) }).ends("failed"),
+        ),
+        (
+            "a transient failure on the last attempt compensates like a refusal",
+            awaiting(RUN, 2, A, 3),
+            failed(2, A, 3, "PAYMENT_GATEWAY_TIMEOUT", true),
+            clock(),
+            expect(COMP, 1, C, 1, reply_wait())
+                .sends("release_inventory", 1)
+                .ends("failed")
+                .failure("PAYMENT_GATEWAY_TIMEOUT"),
+        ),
+        (
+            "a backoff that ran out sends the next attempt",
+            state(RUN, 2, A, 1, Waiting::Retry { at: at_ms(200) }),
+            SagaEvent::TimerFired,
+            Clock { now: at_ms(200), random: 0.0 },
+            expect(RUN, 2, A, 2, Waiting::Reply { deadline: at_ms(10_200) }).sends("charge_payment", 2),
+        ),
+        (
+            "no reply before the deadline is retried",
+            awaiting(RUN, 2, A, 1),
+            SagaEvent::TimerFired,
+            late,
+            expect(RUN, 2, A, 1, Waiting::Retry { at: at_ms(10_201) }).ends("timed_out"),
+        ),
+        (
+            "no reply on the last attempt compensates that step too, since it may have acted",
+            awaiting(RUN, 2, A, 3),
+            SagaEvent::TimerFired,
+            late,
+            expect(COMP, 2, C, 1, Waiting::Reply { deadline: at_ms(20_001) })
+                .sends("refund_payment", 1)
+                .ends("timed_out")
+                .failure("STEP_TIMEOUT"),
+        ),
+        (
+            "a compensation succeeds: the one below it runs",
+            comp_pending(1, 1),
+            ok(1, C, 1),
+            clock(),
+            expect(COMP, 0, C, 1, reply_wait()).sends("reject_order", 1).ends("succeeded").failure("PAYMENT_DECLINED"),
+        ),
+        (
+            "the last compensation succeeds: the saga has failed cleanly",
+            comp_pending(0, 2),
+            ok(0, C, 2),
+            clock(),
+            expect(FAILED, 0, C, 2, Waiting::Nothing).ends("succeeded").failure("PAYMENT_DECLINED"),
+        ),
+        (
+            "a failed compensation is retried even when the error says it is not retryable",
+            comp_pending(1, 1),
+            failed(1, C, 1, "DB_DOWN", false),
+            clock(),
+            expect(COMP, 1, C, 1, Waiting::Retry { at: at_ms(200) }).ends("failed").failure("PAYMENT_DECLINED"),
+        ),
+        (
+            "a compensation that fails on its last attempt needs attention",
+            comp_pending(1, 10),
+            failed(1, C, 10, "DB_DOWN", true),
+            clock(),
+            expect(ATTN, 1, C, 10, Waiting::Nothing).ends("failed").failure("PAYMENT_DECLINED").attention("DB_DOWN"),
+        ),
+        (
+            "a compensation that times out on its last attempt needs attention",
+            comp_pending(2, 10),
+            SagaEvent::TimerFired,
+            late,
+            expect(ATTN, 2, C, 10, Waiting::Nothing)
+                .ends("timed_out")
+                .failure("PAYMENT_DECLINED")
+                .attention("STEP_TIMEOUT"),
+        ),
+        (
+            "a compensation's backoff ran out: it is sent again",
+            state(COMP, 1, C, 4, Waiting::Retry { at: at_ms(0) }),
+            SagaEvent::TimerFired,
+            clock(),
+            expect(COMP, 1, C, 5, reply_wait()).sends("release_inventory", 5),
+        ),
+        (
+            "a step retried until it succeeds keeps retrying past any count",
+            awaiting(RUN, 4, A, 1000),
+            failed(4, A, 1000, "DB_DOWN", true),
+            clock(),
+            expect(RUN, 4, A, 1000, Waiting::Retry { at: at_ms(30_000) }).ends("failed"),
+        ),
+        (
+            "a refusal of the last step undoes every compensatable step before it",
+            awaiting(RUN, 4, A, 1),
+            failed(4, A, 1, "ORDER_CANCELLED", false),
+            clock(),
+            expect(COMP, 3, C, 1, reply_wait()).sends("cancel_shipment", 1).ends("failed").failure("ORDER_CANCELLED"),
+        ),
     ];
     for (name, before, event, clock, want) in cases {
         let t = apply(&def(), &before, &event, clock).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.next.status, want.status, "{name}: status");
-        assert_eq!((t.next.step_index, t.next.kind, t.next.attempt), (want.step, want.kind, want.attempt), "{name}: position");
+        assert_eq!(
+            (t.next.step_index, t.next.kind, t.next.attempt),
+            (want.step, want.kind, want.attempt),
+            "{name}: position"
+        );
         assert_eq!(t.next.waiting, want.waiting, "{name}: waiting");
         let sent: Vec<(&str, u32)> = t.commands.iter().map(|c| (c.action.as_str(), c.attempt)).collect();
         assert_eq!(sent, want.command.into_iter().collect::<Vec<_>>(), "{name}: commands");
@@ -210,11 +331,35 @@ fn events_that_do_not_apply_are_refused_without_a_change() {
     let cases: Vec<(&str, SagaState, SagaEvent, Clock, &str)> = vec![
         ("a reply to a completed saga", state(DONE, 4, A, 1, Waiting::Nothing), ok(4, A, 1), clock(), "terminal"),
         ("a reply to a failed saga", state(FAILED, 0, C, 1, Waiting::Nothing), ok(0, C, 1), clock(), "terminal"),
-        ("a timer on a saga that needs attention", state(ATTN, 1, C, 10, Waiting::Nothing), SagaEvent::TimerFired, clock(), "terminal"),
+        (
+            "a timer on a saga that needs attention",
+            state(ATTN, 1, C, 10, Waiting::Nothing),
+            SagaEvent::TimerFired,
+            clock(),
+            "terminal",
+        ),
         ("a reply for an older attempt", awaiting(RUN, 2, A, 2), ok(2, A, 1), clock(), "unexpected_reply"),
-        ("a duplicate of the reply that moved the saga on", awaiting(RUN, 1, A, 1), ok(0, A, 1), clock(), "unexpected_reply"),
-        ("an action reply while compensating that step", awaiting(COMP, 1, C, 1), ok(1, A, 1), clock(), "unexpected_reply"),
-        ("a reply during a backoff", state(RUN, 2, A, 1, Waiting::Retry { at: at_ms(200) }), ok(2, A, 1), clock(), "unexpected_reply"),
+        (
+            "a duplicate of the reply that moved the saga on",
+            awaiting(RUN, 1, A, 1),
+            ok(0, A, 1),
+            clock(),
+            "unexpected_reply",
+        ),
+        (
+            "an action reply while compensating that step",
+            awaiting(COMP, 1, C, 1),
+            ok(1, A, 1),
+            clock(),
+            "unexpected_reply",
+        ),
+        (
+            "a reply during a backoff",
+            state(RUN, 2, A, 1, Waiting::Retry { at: at_ms(200) }),
+            ok(2, A, 1),
+            clock(),
+            "unexpected_reply",
+        ),
         ("a timer before the deadline", awaiting(RUN, 2, A, 1), SagaEvent::TimerFired, clock(), "not_due"),
         ("a state beyond the definition", awaiting(RUN, 9, A, 1), ok(0, A, 1), clock(), "unknown_step"),
     ];
@@ -258,8 +403,13 @@ fn a_failure_after_a_step_without_compensation_needs_attention() {
 
 #[test]
 fn jitter_shortens_the_backoff_by_the_random_fraction() {
-    let t = apply(&def(), &awaiting(RUN, 2, A, 1), &failed(2, A, 1, "PAYMENT_GATEWAY_TIMEOUT", true), Clock { now: t0(), random: 0.5 })
-        .unwrap();
+    let t = apply(
+        &def(),
+        &awaiting(RUN, 2, A, 1),
+        &failed(2, A, 1, "PAYMENT_GATEWAY_TIMEOUT", true),
+        Clock { now: t0(), random: 0.5 },
+    )
+    .unwrap();
     // 200 ms, less 20 % jitter times 0.5.
     assert_eq!(t.next.waiting, Waiting::Retry { at: at_ms(180) });
 }

@@ -1,0 +1,58 @@
+//! The orchestrator's configuration: flags with environment variables and defaults.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use saga_runtime::config::{parse_millis, DatabaseConfig, KafkaConfig, OutboxConfig, TelemetryConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "saga-orchestrator", version, about = "Saga orchestrator with durable state in Postgres")]
+pub(crate) struct Config {
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+    /// Address of the HTTP API.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080", global = true)]
+    pub(crate) http_addr: SocketAddr,
+    /// Address of the Prometheus metrics endpoint.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090", global = true)]
+    pub(crate) metrics_addr: SocketAddr,
+    /// Kafka consumer group of the orchestrator replicas.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "saga-orchestrator-group", global = true)]
+    pub(crate) kafka_group_id: String,
+    /// How often the timer loop looks for sagas whose deadline or backoff has passed (milliseconds).
+    #[arg(long, env = "TIMER_INTERVAL_MS", default_value = "100", value_parser = parse_millis, global = true)]
+    pub(crate) timer_interval: Duration,
+    /// Most due sagas the timer loop handles in one transaction.
+    #[arg(long, env = "TIMER_BATCH_SIZE", default_value_t = 200, global = true)]
+    pub(crate) timer_batch_size: i64,
+    /// Input fields shown as "[redacted]" in API output, comma separated.
+    #[arg(
+        long,
+        env = "REDACT_FIELDS",
+        default_value = "payment_token,shipping_address,card_number",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub(crate) redact_fields: Vec<String>,
+    #[command(flatten)]
+    pub(crate) database: DatabaseConfig,
+    #[command(flatten)]
+    pub(crate) kafka: KafkaConfig,
+    #[command(flatten)]
+    pub(crate) outbox: OutboxConfig,
+    #[command(flatten)]
+    pub(crate) telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the orchestrator (the default).
+    Serve,
+    /// Create the database if needed, apply migrations and exit.
+    Migrate,
+    /// Create the Kafka topics of every loaded saga definition and exit.
+    CreateTopics,
+    /// Print the loaded saga definitions as JSON and exit.
+    Definitions,
+}

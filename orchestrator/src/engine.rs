@@ -1,0 +1,433 @@
+//! Applies events to sagas durably: loads and locks the saga, runs the pure state machine, and
+//! writes the new state, the attempt records, the history entry and the outbox commands on the
+//! caller's transaction. Metrics are collected in [`Effects`] and recorded only after commit.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use metrics::{counter, histogram};
+use saga_defs::contract::{commands_topic, MESSAGE_TYPE_COMMAND, REPLIES_TOPIC, SCHEMA_VERSION};
+use saga_defs::machine::{AttemptOutcome, StepReply, Transition};
+use saga_defs::{
+    Clock, CommandEnvelope, Registry, ReplyEnvelope, SagaDefinition, SagaEvent, SagaId, SagaState, SagaStatus,
+    StartSagaRequest,
+};
+use saga_runtime::outbox::{self, OutboxMessage};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::metrics as m;
+use crate::store::{self, HistoryEntry, NewSaga, SagaRow};
+
+/// Metric updates to record once the transaction that caused them has committed.
+#[derive(Debug, Default)]
+pub(crate) struct Effects(Vec<Effect>);
+
+#[derive(Debug)]
+enum Effect {
+    Created {
+        saga_type: String,
+    },
+    Ended {
+        saga_type: String,
+        status: SagaStatus,
+        seconds: f64,
+    },
+    StepFinished {
+        saga_type: String,
+        step: String,
+        kind: &'static str,
+        outcome: &'static str,
+        code: Option<String>,
+        seconds: Option<f64>,
+    },
+    Ignored {
+        reason: &'static str,
+    },
+    StartRefused {
+        reason: &'static str,
+    },
+}
+
+impl Effects {
+    pub(crate) fn ignored(&mut self, reason: &'static str) {
+        self.0.push(Effect::Ignored { reason });
+    }
+
+    pub(crate) fn start_refused(&mut self, reason: &'static str) {
+        self.0.push(Effect::StartRefused { reason });
+    }
+
+    pub(crate) fn record(self) {
+        for effect in self.0 {
+            match effect {
+                Effect::Created { saga_type } => counter!(m::SAGA_CREATED, "saga_type" => saga_type).increment(1),
+                Effect::Ended { saga_type, status, seconds } => {
+                    let name = match status {
+                        SagaStatus::Completed => m::SAGA_COMPLETED,
+                        SagaStatus::Failed => m::SAGA_FAILED,
+                        _ => m::SAGA_NEEDS_ATTENTION,
+                    };
+                    counter!(name, "saga_type" => saga_type.clone()).increment(1);
+                    histogram!(m::SAGA_DURATION, "saga_type" => saga_type, "outcome" => status.as_str())
+                        .record(seconds);
+                }
+                Effect::StepFinished { saga_type, step, kind, outcome, code, seconds } => {
+                    if let Some(code) = code {
+                        counter!(m::STEP_FAILURES, "saga_type" => saga_type.clone(), "step" => step.clone(), "kind" => kind, "code" => code)
+                            .increment(1);
+                    }
+                    if let Some(seconds) = seconds {
+                        histogram!(m::STEP_DURATION, "saga_type" => saga_type, "step" => step, "kind" => kind, "outcome" => outcome)
+                            .record(seconds);
+                    }
+                }
+                Effect::Ignored { reason } => counter!(m::REPLIES_IGNORED, "reason" => reason).increment(1),
+                Effect::StartRefused { reason } => counter!(m::START_REQUESTS_REFUSED, "reason" => reason).increment(1),
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error("unknown saga type {given:?}; defined types: {known}")]
+    UnknownType { given: String, known: String },
+    #[error("the saga input must be a JSON object")]
+    InputNotObject,
+    #[error("idempotency key {key:?} was already used for a different request (saga {existing})")]
+    KeyReused { key: String, existing: Uuid },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Whether `start` created a saga or found the one started earlier with the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Started {
+    Created(Uuid),
+    Existing(Uuid),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Corrupt(#[from] store::CorruptRow),
+    #[error("saga {0} changed under a held lock (version guard failed)")]
+    VersionConflict(Uuid),
+}
+
+pub(crate) struct Engine {
+    registry: Arc<Registry>,
+    topic_prefix: String,
+}
+
+fn clock() -> Clock {
+    Clock { now: Utc::now(), random: rand::random::<f64>() }
+}
+
+/// SHA-256 of the request's canonical JSON (object keys sorted), to detect a reused key.
+pub(crate) fn request_hash(saga_type: &str, business_key: Option<&str>, input: &Value) -> String {
+    let canonical = json!({"saga_type": saga_type, "business_key": business_key, "input": input});
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+impl Engine {
+    pub(crate) fn new(registry: Arc<Registry>, topic_prefix: String) -> Self {
+        Self { registry, topic_prefix }
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.topic_prefix, name)
+    }
+
+    /// Starts a saga, or finds the one already started with the same idempotency key.
+    pub(crate) async fn start(
+        &self,
+        conn: &mut PgConnection,
+        request: &StartSagaRequest,
+        effects: &mut Effects,
+    ) -> Result<Started, StartError> {
+        let definition = self.registry.latest(request.saga_type.as_str()).ok_or_else(|| StartError::UnknownType {
+            given: request.saga_type.to_string(),
+            known: self.registry.all().map(|d| d.name.to_string()).collect::<Vec<_>>().join(", "),
+        })?;
+        if !request.input.is_object() {
+            return Err(StartError::InputNotObject);
+        }
+        let hash = request_hash(request.saga_type.as_str(), request.business_key.as_deref(), &request.input);
+        let clock = clock();
+        let transition = saga_defs::start(definition, clock);
+        let id = request.saga_id.as_uuid();
+        let first = &definition.steps[0];
+        let inserted = store::insert(
+            conn,
+            NewSaga {
+                id,
+                saga_type: definition.name.as_str(),
+                definition_version: definition.version as i32,
+                idempotency_key: &request.idempotency_key,
+                request_hash: &hash,
+                business_key: request.business_key.as_deref(),
+                input: &request.input,
+                state: &transition.next,
+                step_name: first.name.as_str(),
+                now: clock.now,
+            },
+        )
+        .await?;
+        if !inserted {
+            let (existing, existing_hash) =
+                store::find_by_key(conn, definition.name.as_str(), &request.idempotency_key)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound)?;
+            if existing_hash != hash {
+                return Err(StartError::KeyReused { key: request.idempotency_key.clone(), existing });
+            }
+            return Ok(Started::Existing(existing));
+        }
+        let summary = describe(definition, None, "started", &transition);
+        self.write_effects(conn, id, definition, &request.input, &json!({}), &transition, clock.now).await?;
+        store::append_history(
+            conn,
+            HistoryEntry {
+                saga_id: id,
+                version: 1,
+                from_status: None,
+                to_status: transition.next.status,
+                trigger: "STARTED",
+                summary: &summary,
+                detail: detail(&transition, None),
+                now: clock.now,
+            },
+        )
+        .await?;
+        effects.0.push(Effect::Created { saga_type: definition.name.to_string() });
+        tracing::info!(saga_id = %id, saga_type = %definition.name, "saga started");
+        Ok(Started::Created(id))
+    }
+
+    /// Applies a participant's reply. Replies that do not apply change nothing and are counted.
+    pub(crate) async fn on_reply(
+        &self,
+        conn: &mut PgConnection,
+        reply: &ReplyEnvelope,
+        effects: &mut Effects,
+    ) -> Result<(), ApplyError> {
+        let Some(row) = store::lock(conn, reply.saga_id.as_uuid()).await? else {
+            tracing::warn!(saga_id = %reply.saga_id, step = %reply.step, "reply for an unknown saga");
+            effects.ignored("unknown_saga");
+            return Ok(());
+        };
+        let event = SagaEvent::Reply(StepReply {
+            step: reply.step.clone(),
+            kind: reply.kind,
+            attempt: reply.attempt,
+            outcome: reply.outcome.clone(),
+        });
+        self.apply(conn, row, &event, "REPLY", Some(reply.message_id), effects).await
+    }
+
+    /// Fires the timer of a saga the caller has locked.
+    pub(crate) async fn on_timer(
+        &self,
+        conn: &mut PgConnection,
+        id: Uuid,
+        effects: &mut Effects,
+    ) -> Result<(), ApplyError> {
+        let Some(row) = store::lock(conn, id).await? else { return Ok(()) };
+        self.apply(conn, row, &SagaEvent::TimerFired, "TIMER", None, effects).await
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %row.id, trigger))]
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        row: SagaRow,
+        event: &SagaEvent,
+        trigger: &str,
+        message_id: Option<Uuid>,
+        effects: &mut Effects,
+    ) -> Result<(), ApplyError> {
+        let Some(definition) = self.registry.get(&row.saga_type, row.definition_version as u32) else {
+            tracing::error!(saga_type = row.saga_type, version = row.definition_version, "saga definition not loaded");
+            effects.ignored("unknown_definition");
+            return Ok(());
+        };
+        let state = row.state()?;
+        let clock = clock();
+        let transition = match saga_defs::apply(definition, &state, event, clock) {
+            Ok(transition) => transition,
+            Err(error) => {
+                tracing::info!(%error, "event changes nothing");
+                effects.ignored(error.label());
+                return Ok(());
+            }
+        };
+        let next = &transition.next;
+        let step_name = definition.steps[next.step_index].name.as_str();
+        let new_output = match &transition.finished {
+            Some(f) if f.kind == saga_defs::StepKind::Action => match &f.outcome {
+                AttemptOutcome::Succeeded { output } => Some((f.step.as_str(), output)),
+                _ => None,
+            },
+            _ => None,
+        };
+        if !store::update(conn, &row, next, step_name, new_output, clock.now).await? {
+            return Err(ApplyError::VersionConflict(row.id));
+        }
+        let mut outputs = row.outputs.clone();
+        if let (Some((step, output)), Some(map)) = (new_output, outputs.as_object_mut()) {
+            map.insert(step.to_owned(), output.clone());
+        }
+        if let Some(finished) = &transition.finished {
+            let started = store::finish_attempt(conn, row.id, finished, clock.now).await?;
+            let (outcome, code) = match &finished.outcome {
+                AttemptOutcome::Succeeded { .. } => ("succeeded", None),
+                AttemptOutcome::Failed(e) => ("failed", Some(e.code.clone())),
+                AttemptOutcome::TimedOut => ("timed_out", Some(saga_defs::contract::codes::STEP_TIMEOUT.to_owned())),
+            };
+            effects.0.push(Effect::StepFinished {
+                saga_type: row.saga_type.clone(),
+                step: finished.step.to_string(),
+                kind: finished.kind.as_str(),
+                outcome,
+                code,
+                seconds: started.map(|s| (clock.now - s).num_milliseconds() as f64 / 1000.0),
+            });
+        }
+        self.write_effects(conn, row.id, definition, &row.input, &outputs, &transition, clock.now).await?;
+        let summary = describe(definition, Some(&state), trigger, &transition);
+        store::append_history(
+            conn,
+            HistoryEntry {
+                saga_id: row.id,
+                version: row.version + 1,
+                from_status: Some(state.status),
+                to_status: next.status,
+                trigger,
+                summary: &summary,
+                detail: detail(&transition, message_id),
+                now: clock.now,
+            },
+        )
+        .await?;
+        if next.status.is_terminal() {
+            effects.0.push(Effect::Ended {
+                saga_type: row.saga_type.clone(),
+                status: next.status,
+                seconds: (clock.now - row.created_at).num_milliseconds() as f64 / 1000.0,
+            });
+            tracing::info!(status = %next.status, "saga ended");
+        }
+        Ok(())
+    }
+
+    /// Records the commands as pending attempts and puts them in the outbox.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_effects(
+        &self,
+        conn: &mut PgConnection,
+        id: Uuid,
+        definition: &SagaDefinition,
+        input: &Value,
+        outputs: &Value,
+        transition: &Transition,
+        now: DateTime<Utc>,
+    ) -> sqlx::Result<()> {
+        let mut messages = Vec::with_capacity(transition.commands.len());
+        for command in &transition.commands {
+            store::insert_attempt(conn, id, command, now).await?;
+            let envelope = CommandEnvelope {
+                schema_version: SCHEMA_VERSION,
+                message_id: Uuid::now_v7(),
+                saga_id: SagaId::from(id),
+                saga_type: definition.name.clone(),
+                step: command.step.clone(),
+                kind: command.kind,
+                action: command.action.clone(),
+                attempt: command.attempt,
+                reply_to: self.topic(REPLIES_TOPIC),
+                input: input.clone(),
+                outputs: outputs.clone(),
+                failure: transition.next.failure.clone(),
+                deadline: command.deadline,
+            };
+            messages.push(OutboxMessage::new(
+                self.topic(&commands_topic(&command.participant)),
+                id,
+                MESSAGE_TYPE_COMMAND,
+                &envelope,
+            ));
+        }
+        outbox::insert(conn, &messages).await
+    }
+}
+
+fn detail(transition: &Transition, message_id: Option<Uuid>) -> Value {
+    let finished = transition.finished.as_ref().map(|f| {
+        let (outcome, error) = match &f.outcome {
+            AttemptOutcome::Succeeded { .. } => ("SUCCEEDED", None),
+            AttemptOutcome::Failed(e) => {
+                ("FAILED", Some(json!({"code": e.code, "message": e.message, "retryable": e.retryable})))
+            }
+            AttemptOutcome::TimedOut => ("TIMED_OUT", None),
+        };
+        json!({"step": f.step, "kind": f.kind, "attempt": f.attempt, "outcome": outcome, "error": error})
+    });
+    let commands: Vec<Value> = transition
+        .commands
+        .iter()
+        .map(|c| json!({"step": c.step, "kind": c.kind, "action": c.action, "attempt": c.attempt, "participant": c.participant, "deadline": c.deadline}))
+        .collect();
+    json!({"finished": finished, "commands": commands, "retry_at": match transition.next.waiting {
+        saga_defs::Waiting::Retry { at } => Some(at),
+        _ => None,
+    }, "message_id": message_id})
+}
+
+/// One line, for people, of what a transition did.
+fn describe(definition: &SagaDefinition, before: Option<&SagaState>, trigger: &str, t: &Transition) -> String {
+    let mut parts = Vec::new();
+    if before.is_none() {
+        parts.push(format!("started {} v{}", definition.name, definition.version));
+    }
+    if let Some(f) = &t.finished {
+        let what = format!("{} {} attempt {}", f.step, f.kind.as_str().to_lowercase(), f.attempt);
+        parts.push(match &f.outcome {
+            AttemptOutcome::Succeeded { .. } => format!("{what} succeeded"),
+            AttemptOutcome::Failed(e) => format!("{what} failed: {} ({})", e.code, e.message),
+            AttemptOutcome::TimedOut => format!("{what} timed out"),
+        });
+    } else if trigger == "TIMER" {
+        parts.push("backoff over".to_owned());
+    }
+    if let saga_defs::Waiting::Retry { at } = t.next.waiting {
+        parts.push(format!("retry at {}", at.to_rfc3339()));
+    }
+    for c in &t.commands {
+        parts.push(format!(
+            "sent {} {} attempt {} to {}",
+            c.action,
+            c.kind.as_str().to_lowercase(),
+            c.attempt,
+            c.participant
+        ));
+    }
+    if t.next.status.is_terminal() {
+        parts.push(format!("saga {}", t.next.status));
+    }
+    if let (Some(b), SagaStatus::Compensating) = (before, t.next.status) {
+        if b.status == SagaStatus::Running {
+            parts.push("compensating".to_owned());
+        }
+    }
+    parts.join("; ")
+}

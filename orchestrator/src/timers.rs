@@ -1,0 +1,85 @@
+//! The timer loop (reply deadlines and retry backoffs stored in `saga_instances.wake_at`) and the
+//! sampler of in-flight and connection-pool gauges.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use metrics::gauge;
+use saga_runtime::CancellationToken;
+use sqlx::PgPool;
+
+use crate::engine::{Effects, Engine};
+use crate::metrics as m;
+use crate::store;
+
+/// Handles due sagas until `shutdown`. Claims use `FOR UPDATE SKIP LOCKED`, so replicas share the
+/// work without acting on one saga twice, and a restarted orchestrator resumes the stored timers.
+pub(crate) async fn run(
+    pool: PgPool,
+    engine: Arc<Engine>,
+    interval: Duration,
+    batch: i64,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let handled = match tick(&pool, &engine, batch).await {
+            Ok(handled) => handled,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "timer loop");
+                0
+            }
+        };
+        if handled as i64 >= batch {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+async fn tick(pool: &PgPool, engine: &Engine, batch: i64) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let due = store::claim_due(&mut tx, Utc::now(), batch).await?;
+    let mut effects = Effects::default();
+    for id in &due {
+        engine.on_timer(&mut tx, *id, &mut effects).await?;
+    }
+    tx.commit().await?;
+    effects.record();
+    Ok(due.len())
+}
+
+/// Samples `saga_in_flight`, `saga_oldest_in_flight_age_seconds` and `database_connections`.
+pub(crate) async fn sample_gauges(pool: PgPool, max_connections: u32, every: Duration, shutdown: CancellationToken) {
+    loop {
+        let counts: sqlx::Result<Vec<(String, i64, Option<f64>)>> = sqlx::query_as(
+            "SELECT s.status, count(i.id), EXTRACT(EPOCH FROM now() - min(i.created_at))::float8
+             FROM (VALUES ('RUNNING'), ('COMPENSATING')) AS s(status)
+             LEFT JOIN saga_instances i ON i.status = s.status
+             GROUP BY s.status",
+        )
+        .fetch_all(&pool)
+        .await;
+        match counts {
+            Ok(rows) => {
+                let mut oldest: f64 = 0.0;
+                for (status, count, age) in rows {
+                    gauge!(m::IN_FLIGHT, "status" => status).set(count as f64);
+                    oldest = oldest.max(age.unwrap_or(0.0));
+                }
+                gauge!(m::OLDEST_IN_FLIGHT).set(oldest);
+            }
+            Err(error) => tracing::debug!(%error, "sampling in-flight sagas"),
+        }
+        gauge!(m::DB_CONNECTIONS, "state" => "open").set(pool.size() as f64);
+        gauge!(m::DB_CONNECTIONS, "state" => "idle").set(pool.num_idle() as f64);
+        gauge!(m::DB_CONNECTIONS, "state" => "max").set(max_connections as f64);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

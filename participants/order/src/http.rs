@@ -1,0 +1,266 @@
+//! `POST /api/v1/orders` and `GET /api/v1/orders/{id}`.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use saga_defs::contract::{MESSAGE_TYPE_START, ORDER_FULFILMENT, SCHEMA_VERSION, START_REQUESTS_TOPIC};
+use saga_defs::{SagaId, SagaType, StartSagaRequest};
+use saga_runtime::outbox::{self, OutboxMessage};
+use saga_runtime::participant::ApiContext;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const BODY_LIMIT: usize = 64 * 1024;
+
+pub(crate) fn router(context: ApiContext) -> Router {
+    Router::new()
+        .route("/api/v1/orders", post(place))
+        .route("/api/v1/orders/{id}", get(show))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(context)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    KeyReused(String),
+    #[error(transparent)]
+    Internal(#[from] sqlx::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::KeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let detail = match &self {
+            ApiError::Internal(error) => {
+                tracing::error!(%error, "request failed");
+                "the server could not handle the request; see its logs".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = json!({
+            "type": format!("https://saga-orchestrator.dev/problems/{kind}"),
+            "title": status.canonical_reason().unwrap_or("error"),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item {
+    sku: String,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Address {
+    #[serde(default)]
+    name: Option<String>,
+    line1: String,
+    #[serde(default)]
+    line2: Option<String>,
+    city: String,
+    postal_code: String,
+    country: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceOrder {
+    customer_id: String,
+    items: Vec<Item>,
+    #[serde(default = "default_currency")]
+    currency: String,
+    payment_token: String,
+    shipping_address: Address,
+}
+
+fn default_currency() -> String {
+    "USD".to_owned()
+}
+
+impl PlaceOrder {
+    /// Checks the request and returns the order total in cents.
+    fn validate(&self) -> Result<i64, String> {
+        let text = |name: &str, value: &str, max: usize| {
+            if value.trim().is_empty() || value.len() > max {
+                Err(format!("{name} must have 1 to {max} characters"))
+            } else {
+                Ok(())
+            }
+        };
+        text("customer_id", &self.customer_id, 100)?;
+        text("payment_token", &self.payment_token, 200)?;
+        if self.items.is_empty() || self.items.len() > 100 {
+            return Err("items must list 1 to 100 items".into());
+        }
+        if !(self.currency.len() == 3 && self.currency.chars().all(|c| c.is_ascii_uppercase())) {
+            return Err(format!("currency must be an ISO 4217 code such as USD, not {:?}", self.currency));
+        }
+        let mut total: i64 = 0;
+        for (i, item) in self.items.iter().enumerate() {
+            text(&format!("items[{i}].sku"), &item.sku, 64)?;
+            if !(1..=10_000).contains(&item.quantity) {
+                return Err(format!("items[{i}].quantity must be from 1 to 10000"));
+            }
+            if !(0..=100_000_000).contains(&item.unit_price_cents) {
+                return Err(format!("items[{i}].unit_price_cents must be from 0 to 100000000"));
+            }
+            total += item.quantity * item.unit_price_cents;
+        }
+        let a = &self.shipping_address;
+        text("shipping_address.line1", &a.line1, 200)?;
+        text("shipping_address.city", &a.city, 100)?;
+        text("shipping_address.postal_code", &a.postal_code, 20)?;
+        text("shipping_address.country", &a.country, 2)?;
+        Ok(total)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    customer_id: String,
+    items: Value,
+    total_cents: i64,
+    currency: String,
+    status: String,
+    rejection_code: Option<String>,
+    rejection_reason: Option<String>,
+    saga_id: Uuid,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl OrderRow {
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "customer_id": self.customer_id,
+            "items": self.items,
+            "total_cents": self.total_cents,
+            "currency": self.currency,
+            "status": self.status,
+            "rejection": self.rejection_code.as_ref().map(|code| json!({"code": code, "reason": self.rejection_reason})),
+            "saga_id": self.saga_id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        })
+    }
+}
+
+const ORDER_COLUMNS: &str =
+    "id, customer_id, items, total_cents, currency, status, rejection_code, rejection_reason, saga_id, created_at, updated_at";
+
+/// Places an order: stores it `PENDING` and, in the same transaction, asks the orchestrator to
+/// start its saga. The same `Idempotency-Key` again returns the same order.
+async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::BadRequest("the Idempotency-Key header is required (1 to 255 visible ASCII characters)".into())
+        })?;
+    let request: PlaceOrder =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid order: {e}")))?;
+    let total = request.validate().map_err(ApiError::BadRequest)?;
+    let canonical = serde_json::to_value(&request).expect("orders serialise").to_string();
+    let hash = hex::encode(Sha256::digest(canonical.as_bytes()));
+
+    let id = Uuid::now_v7();
+    let saga_id = SagaId::new();
+    let mut tx = context.pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders (id, idempotency_key, request_hash, customer_id, items, total_cents, currency, payment_token,
+             shipping_address, status, saga_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', $10)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(id)
+    .bind(&key)
+    .bind(&hash)
+    .bind(&request.customer_id)
+    .bind(sqlx::types::Json(&request.items))
+    .bind(total)
+    .bind(&request.currency)
+    .bind(&request.payment_token)
+    .bind(sqlx::types::Json(&request.shipping_address))
+    .bind(saga_id.as_uuid())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !inserted {
+        let (existing, existing_hash): (Uuid, String) =
+            sqlx::query_as("SELECT id, request_hash FROM orders WHERE idempotency_key = $1")
+                .bind(&key)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.rollback().await?;
+        if existing_hash != hash {
+            return Err(ApiError::KeyReused(format!(
+                "idempotency key {key:?} was already used for a different order ({existing})"
+            )));
+        }
+        let order = load(&context, existing).await?;
+        return Ok((StatusCode::OK, Json(order.to_json())).into_response());
+    }
+    let start = StartSagaRequest {
+        schema_version: SCHEMA_VERSION,
+        saga_id,
+        saga_type: SagaType::parse(ORDER_FULFILMENT).expect("a valid saga type"),
+        idempotency_key: format!("order:{id}"),
+        business_key: Some(id.to_string()),
+        input: json!({
+            "order_id": id,
+            "customer_id": request.customer_id,
+            "items": request.items,
+            "total_cents": total,
+            "currency": request.currency,
+            "payment_token": request.payment_token,
+            "shipping_address": request.shipping_address,
+        }),
+    };
+    let topic = context.kafka.topic(START_REQUESTS_TOPIC);
+    outbox::insert(&mut tx, &[OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start)]).await?;
+    tx.commit().await?;
+    tracing::info!(order_id = %id, saga_id = %saga_id, "order placed");
+    let order = load(&context, id).await?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/api/v1/orders/{id}"))], Json(order.to_json()))
+        .into_response())
+}
+
+async fn load(context: &ApiContext, id: Uuid) -> Result<OrderRow, ApiError> {
+    sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&context.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no order {id}")))
+}
+
+async fn show(State(context): State<ApiContext>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not an order id (a UUID)")))?;
+    Ok(Json(load(&context, id).await?.to_json()))
+}

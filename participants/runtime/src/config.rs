@@ -1,0 +1,130 @@
+//! Configuration shared by every service. Each option is a flag with an environment variable and
+//! a default; `--help` on any binary documents them all.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Postgres settings.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// Postgres connection URL of this service's own database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Largest number of pooled connections.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+    /// Create the database if it does not exist and apply migrations at start-up.
+    #[arg(long, env = "DATABASE_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub database_migrate: bool,
+}
+
+/// Kafka settings. Anything librdkafka accepts can be passed through the `*_PROPERTIES` options.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Bootstrap servers (librdkafka `bootstrap.servers`).
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Prefix put before every topic name, to run several isolated systems on one cluster.
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    pub kafka_topic_prefix: String,
+    /// Extra librdkafka properties for every client, as `key=value` pairs separated by commas.
+    #[arg(long, env = "KAFKA_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    pub kafka_properties: Properties,
+    /// Extra librdkafka properties for consumers only (e.g. `session.timeout.ms=10000`).
+    #[arg(long, env = "KAFKA_CONSUMER_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    pub kafka_consumer_properties: Properties,
+    /// Extra librdkafka properties for producers only (e.g. `linger.ms=10`).
+    #[arg(long, env = "KAFKA_PRODUCER_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    pub kafka_producer_properties: Properties,
+    /// Create the topics this service uses when they are missing (turn off where topics are managed elsewhere).
+    #[arg(long, env = "KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kafka_create_topics: bool,
+    /// Partitions of topics this service creates.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub kafka_topic_partitions: i32,
+    /// Replication factor of topics this service creates.
+    #[arg(long, env = "KAFKA_TOPIC_REPLICATION", default_value_t = 1)]
+    pub kafka_topic_replication: i32,
+    /// Most messages consumed and applied in one database transaction.
+    #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = 200)]
+    pub kafka_batch_size: usize,
+}
+
+impl KafkaConfig {
+    /// The full name of a topic, with the configured prefix.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.kafka_topic_prefix, name)
+    }
+}
+
+/// Outbox relay settings.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxConfig {
+    /// Most outbox rows published in one batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 500)]
+    pub outbox_batch_size: i64,
+    /// How often the relay looks at the outbox when no notification arrives (milliseconds).
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", default_value = "1000", value_parser = parse_millis)]
+    pub outbox_poll_interval: Duration,
+}
+
+/// Logging and metrics settings.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryConfig {
+    /// Log format: `json` (for log shippers) or `text` (for people).
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+    /// Log filter in `tracing` syntax (also read from RUST_LOG).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// A parsed list of librdkafka properties.
+pub type Properties = BTreeMap<String, String>;
+
+/// Parses `key=value,key=value`. Values may not contain commas; set such properties one per
+/// option instead.
+pub fn parse_properties(text: &str) -> Result<Properties, String> {
+    let mut properties = Properties::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) =
+            pair.split_once('=').ok_or_else(|| format!("{pair:?} is not key=value (e.g. session.timeout.ms=10000)"))?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("{pair:?} has an empty key"));
+        }
+        properties.insert(key.to_owned(), value.trim().to_owned());
+    }
+    Ok(properties)
+}
+
+/// Parses a whole number of milliseconds.
+pub fn parse_millis(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{text:?} is not a whole number of milliseconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse_from_comma_separated_pairs() {
+        let p = parse_properties("session.timeout.ms=2000, heartbeat.interval.ms = 500,").unwrap();
+        assert_eq!(p.get("session.timeout.ms").unwrap(), "2000");
+        assert_eq!(p.get("heartbeat.interval.ms").unwrap(), "500");
+        assert!(parse_properties("").unwrap().is_empty());
+        assert!(parse_properties("no-equals-sign").unwrap_err().contains("key=value"));
+        assert!(parse_properties("=x").unwrap_err().contains("empty key"));
+    }
+
+    #[test]
+    fn milliseconds_must_be_whole_numbers() {
+        assert_eq!(parse_millis("250").unwrap(), Duration::from_millis(250));
+        assert!(parse_millis("1.5").is_err());
+        assert!(parse_millis("-1").is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The at-least-once batch consumer: takes whatever messages are ready (up to a batch size),
+//! hands them to a handler that applies them in one database transaction, and stores their
+//! offsets only after that succeeded. A failing batch is retried with backoff, never skipped.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use futures::StreamExt;
+use metrics::{counter, describe_counter, describe_histogram, histogram};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+/// An owned copy of a consumed message.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// Where the record came from, for logs and errors.
+    pub fn position(&self) -> String {
+        format!("{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// Applies a batch of records. An error means nothing of the batch was applied.
+pub trait BatchHandler: Send + Sync {
+    fn handle<'a>(&'a self, records: &'a [Record]) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
+}
+
+pub(crate) const CONSUMED: &str = "saga_consumer_messages_total";
+pub(crate) const BATCH_SECONDS: &str = "saga_consumer_batch_duration_seconds";
+pub(crate) const BATCH_FAILURES: &str = "saga_consumer_batch_failures_total";
+
+pub(crate) fn describe_metrics() {
+    describe_counter!(CONSUMED, "Messages consumed and applied, by topic");
+    describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to apply one batch of consumed messages");
+    describe_counter!(BATCH_FAILURES, "Batches whose transaction failed and was retried");
+}
+
+/// Runs until `shutdown` is cancelled, then commits the stored offsets.
+pub async fn run(
+    consumer: &StreamConsumer,
+    batch_size: usize,
+    handler: &impl BatchHandler,
+    shutdown: CancellationToken,
+) {
+    let mut stream = consumer.stream().ready_chunks(batch_size.max(1));
+    loop {
+        let chunk = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            chunk = stream.next() => match chunk {
+                Some(chunk) => chunk,
+                None => break,
+            },
+        };
+        let mut records = Vec::with_capacity(chunk.len());
+        for message in chunk {
+            match message {
+                Ok(message) => records.push(Record::from_message(&message)),
+                Err(error) => tracing::warn!(%error, "consumer error"),
+            }
+        }
+        if records.is_empty() {
+            continue;
+        }
+        if !apply_until_done(&records, handler, &shutdown).await {
+            break;
+        }
+        if let Err(error) = consumer.store_offsets(&next_offsets(&records)) {
+            tracing::warn!(%error, "cannot store offsets; the batch may be redelivered and will be deduplicated");
+        }
+        for record in &records {
+            counter!(CONSUMED, "topic" => record.topic.clone()).increment(1);
+        }
+    }
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing to commit is reported as an error too.
+        tracing::debug!(%error, "final offset commit");
+    }
+}
+
+/// Retries the batch with backoff until it applies; false if shutdown came first.
+async fn apply_until_done(records: &[Record], handler: &impl BatchHandler, shutdown: &CancellationToken) -> bool {
+    let mut backoff = ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(10),
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    };
+    loop {
+        let started = Instant::now();
+        match handler.handle(records).await {
+            Ok(()) => {
+                histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+                return true;
+            }
+            Err(error) => {
+                counter!(BATCH_FAILURES).increment(1);
+                let first = &records[0];
+                let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    first = first.position(),
+                    count = records.len(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "applying a batch failed; retrying it"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The offsets to store: one past the highest offset per partition.
+fn next_offsets(records: &[Record]) -> TopicPartitionList {
+    let mut highest: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for record in records {
+        let entry = highest.entry((record.topic.as_str(), record.partition)).or_insert(record.offset);
+        *entry = (*entry).max(record.offset);
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in highest {
+        list.add_partition_offset(topic, partition, Offset::Offset(offset + 1))
+            .expect("a fresh list accepts any partition");
+    }
+    list
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, partition: i32, offset: i64) -> Record {
+        Record { topic: topic.into(), partition, offset, key: None, payload: None, headers: vec![] }
+    }
+
+    #[test]
+    fn the_stored_offset_is_one_past_the_highest_per_partition() {
+        let list = next_offsets(&[record("a", 0, 5), record("a", 0, 3), record("a", 1, 9), record("b", 0, 0)]);
+        let got: Vec<(String, i32, Offset)> =
+            list.elements().iter().map(|e| (e.topic().to_owned(), e.partition(), e.offset())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 0, Offset::Offset(6)),
+                ("a".into(), 1, Offset::Offset(10)),
+                ("b".into(), 0, Offset::Offset(1)),
+            ]
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! The Postgres pool and migrations.
+
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config::DatabaseConfig;
+
+/// The outbox table every service has.
+pub fn outbox_migrations() -> Migrator {
+    sqlx::migrate!("../../migrations/outbox")
+}
+
+/// The tables of the participant runtime (processed commands).
+pub fn participant_migrations() -> Migrator {
+    sqlx::migrate!("../../migrations/participant")
+}
+
+/// Connects to the service's database, creating and migrating it first when configured to.
+/// Several migration sets share one database, each with its own version range, so each runs with
+/// `ignore_missing`.
+pub async fn connect(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyhow::Result<PgPool> {
+    let url = &config.database_url;
+    let options: PgConnectOptions =
+        url.parse().map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
+    if config.database_migrate && !Postgres::database_exists(url).await? {
+        match Postgres::create_database(url).await {
+            Ok(()) => tracing::info!(database = options.get_database().unwrap_or(""), "created database"),
+            // Another replica may have created it in the meantime.
+            Err(error) if Postgres::database_exists(url).await.unwrap_or(false) => {
+                tracing::debug!(%error, "database appeared while creating it")
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
+    if config.database_migrate {
+        for mut migrator in migrations {
+            migrator.set_ignore_missing(true);
+            migrator.run(&pool).await?;
+        }
+    }
+    Ok(pool)
+}

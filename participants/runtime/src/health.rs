@@ -1,0 +1,63 @@
+//! `/health` (liveness) and `/ready` (Postgres and the broker reachable), and the HTTP server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use rdkafka::producer::FutureProducer;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// What readiness checks.
+#[derive(Clone)]
+pub struct Readiness {
+    pub service: &'static str,
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+}
+
+/// The health routes, to merge into a service's router.
+pub fn router(readiness: Readiness) -> Router {
+    Router::new().route("/health", get(health)).route("/ready", get(ready)).with_state(readiness)
+}
+
+async fn health(State(r): State<Readiness>) -> impl IntoResponse {
+    Json(json!({"status": "ok", "service": r.service, "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn ready(State(r): State<Readiness>) -> impl IntoResponse {
+    let timeout = Duration::from_secs(2);
+    let database = tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&r.pool)).await;
+    let database = match database {
+        Ok(Ok(_)) => "ok".to_owned(),
+        Ok(Err(error)) => format!("unreachable: {error}"),
+        Err(_) => "unreachable: no answer within 2 s".to_owned(),
+    };
+    let broker = if crate::kafka::broker_reachable(&r.producer, timeout).await {
+        "ok".to_owned()
+    } else {
+        "unreachable: no broker answered a metadata request within 2 s".to_owned()
+    };
+    let ready = database == "ok" && broker == "ok";
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "service": r.service,
+        "checks": {"database": database, "broker": broker},
+    });
+    (status, Json(body))
+}
+
+/// Serves `router` on `addr` until `shutdown`, then drains in-flight requests.
+pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving HTTP");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Kafka clients built from [`KafkaConfig`]: our defaults first, then the pass-through properties,
+//! so every librdkafka setting can be overridden.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+
+fn base(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka_brokers);
+    for (key, value) in &config.kafka_properties {
+        client.set(key, value);
+    }
+    client
+}
+
+/// An idempotent producer (`enable.idempotence=true`, `acks=all`).
+pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer, KafkaError> {
+    let mut client = base(config);
+    client
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    for (key, value) in &config.kafka_producer_properties {
+        client.set(key, value);
+    }
+    client.create()
+}
+
+/// A consumer that stores offsets only when told to (`enable.auto.offset.store=false`): the
+/// caller stores an offset after the transaction that applied the message has committed, and the
+/// stored offsets are committed in the background.
+pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Result<StreamConsumer, KafkaError> {
+    let mut client = base(config);
+    client
+        .set("group.id", group_id)
+        .set("client.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    for (key, value) in &config.kafka_consumer_properties {
+        client.set(key, value);
+    }
+    let consumer: StreamConsumer = client.create()?;
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they are.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
+    if !config.kafka_create_topics || topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|name| {
+            NewTopic::new(name, config.kafka_topic_partitions, TopicReplication::Fixed(config.kafka_topic_replication))
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Asks the cluster for its metadata: true when a broker answered within `timeout`.
+pub async fn broker_reachable(producer: &FutureProducer, timeout: Duration) -> bool {
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
+}

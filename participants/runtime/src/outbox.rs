@@ -1,0 +1,201 @@
+//! The transactional outbox: messages are inserted in the same transaction as the state change
+//! that caused them, and a relay publishes them to Kafka in batches, then deletes them. Publishing
+//! is at least once: a crash between the publish and the delete publishes a batch again, and every
+//! consumer deduplicates.
+
+use std::time::{Duration, Instant};
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use saga_defs::contract::{HEADER_MESSAGE_TYPE, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::OutboxConfig;
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub topic: String,
+    /// The Kafka key; the saga id, so that one saga's messages stay in order on one partition.
+    pub key: String,
+    pub message_type: &'static str,
+    pub payload: serde_json::Value,
+}
+
+impl OutboxMessage {
+    pub fn new(topic: String, key: impl ToString, message_type: &'static str, payload: &impl serde::Serialize) -> Self {
+        Self {
+            topic,
+            key: key.to_string(),
+            message_type,
+            payload: serde_json::to_value(payload).expect("message contracts serialise to JSON"),
+        }
+    }
+}
+
+/// Inserts messages into the outbox on the caller's connection (normally inside its transaction).
+pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> sqlx::Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+    let keys: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
+    let types: Vec<&str> = messages.iter().map(|m| m.message_type).collect();
+    let payloads: Vec<&serde_json::Value> = messages.iter().map(|m| &m.payload).collect();
+    sqlx::query(
+        "INSERT INTO outbox (topic, message_key, message_type, payload)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[])",
+    )
+    .bind(topics)
+    .bind(keys)
+    .bind(types)
+    .bind(payloads)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) const PUBLISHED: &str = "saga_outbox_published_total";
+pub(crate) const PUBLISH_ERRORS: &str = "saga_outbox_publish_errors_total";
+pub(crate) const BATCH_SECONDS: &str = "saga_outbox_batch_duration_seconds";
+pub(crate) const PENDING: &str = "saga_outbox_pending";
+pub(crate) const OLDEST_AGE: &str = "saga_outbox_oldest_age_seconds";
+
+pub(crate) fn describe_metrics() {
+    describe_counter!(PUBLISHED, "Outbox messages published to Kafka");
+    describe_counter!(PUBLISH_ERRORS, "Outbox batches that could not be published and were retried");
+    describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to publish one outbox batch");
+    describe_gauge!(PENDING, "Messages waiting in the outbox");
+    describe_gauge!(OLDEST_AGE, metrics::Unit::Seconds, "Age of the oldest message waiting in the outbox");
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    topic: String,
+    message_key: String,
+    message_type: String,
+    payload: String,
+}
+
+/// Publishes one batch. Returns how many messages were published.
+pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size: i64) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, topic, message_key, message_type, payload::text AS payload
+         FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(batch_size)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let schema_version = SCHEMA_VERSION.to_string();
+    let sends = rows.iter().map(|row| {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(row.message_type.as_str()) })
+            .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version.as_str()) });
+        let record = FutureRecord::to(&row.topic).key(&row.message_key).payload(&row.payload).headers(headers);
+        producer.send(record, Duration::from_secs(30))
+    });
+    for result in futures::future::join_all(sends).await {
+        if let Err((error, _)) = result {
+            // Nothing is deleted: the whole batch is published again (consumers deduplicate).
+            anyhow::bail!("publishing the outbox batch failed: {error}");
+        }
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+    tx.commit().await?;
+    histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    counter!(PUBLISHED).increment(rows.len() as u64);
+    Ok(rows.len())
+}
+
+/// Runs the relay until `shutdown`: publishes whenever a transaction wrote to the outbox
+/// (LISTEN/NOTIFY), and at least every poll interval.
+pub async fn run_relay(pool: PgPool, producer: FutureProducer, config: OutboxConfig, shutdown: CancellationToken) {
+    let mut listener = match PgListener::connect_with(&pool).await {
+        Ok(mut listener) => match listener.listen("outbox").await {
+            Ok(()) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for outbox notifications; polling only");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot LISTEN for outbox notifications; polling only");
+            None
+        }
+    };
+    let mut backoff = ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(10),
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    };
+    while !shutdown.is_cancelled() {
+        match publish_batch(&pool, &producer, config.outbox_batch_size).await {
+            Ok(n) => {
+                backoff.reset();
+                if n as i64 >= config.outbox_batch_size {
+                    continue; // more is waiting
+                }
+            }
+            Err(error) => {
+                counter!(PUBLISH_ERRORS).increment(1);
+                let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                tracing::error!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "outbox relay");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        }
+        let notified = async {
+            match listener.as_mut() {
+                Some(l) => {
+                    if let Err(error) = l.recv().await {
+                        tracing::warn!(%error, "outbox notification listener");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = notified => {}
+            _ = tokio::time::sleep(config.outbox_poll_interval) => {}
+        }
+    }
+}
+
+/// Samples the outbox backlog into the `saga_outbox_pending` and `saga_outbox_oldest_age_seconds`
+/// gauges every `every`, until `shutdown`.
+pub async fn run_backlog_gauges(pool: PgPool, every: Duration, shutdown: CancellationToken) {
+    loop {
+        let sample: sqlx::Result<(i64, Option<f64>)> =
+            sqlx::query_as("SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox")
+                .fetch_one(&pool)
+                .await;
+        match sample {
+            Ok((pending, oldest)) => {
+                gauge!(PENDING).set(pending as f64);
+                gauge!(OLDEST_AGE).set(oldest.unwrap_or(0.0));
+            }
+            Err(error) => tracing::debug!(%error, "sampling the outbox backlog"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

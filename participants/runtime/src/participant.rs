@@ -1,0 +1,324 @@
+//! The participant runtime: consumes a participant's commands, runs its business logic once per
+//! `(saga, step, kind)` and replies through the outbox, all in one transaction per batch.
+//!
+//! - A redelivered command finds its stored outcome and replays the reply; nothing runs twice.
+//! - A transient failure (`retryable`) is not stored, so the orchestrator's retry runs it again.
+//! - A compensation that arrives before its action (or without one) succeeds as a no-op, and
+//!   leaves a tombstone so that a late action is refused instead of acting after its undo.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use metrics::{counter, describe_counter};
+use saga_defs::contract::{
+    codes, commands_topic, HEADER_MESSAGE_TYPE, HEADER_SCHEMA_VERSION, MESSAGE_TYPE_COMMAND, MESSAGE_TYPE_REPLY,
+    SCHEMA_VERSION,
+};
+use saga_defs::{CommandEnvelope, ReplyEnvelope, ReplyOutcome, StepError, StepKind};
+use sqlx::migrate::Migrator;
+use sqlx::{Acquire, PgConnection, PgPool};
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+use crate::config::{DatabaseConfig, KafkaConfig, OutboxConfig, TelemetryConfig};
+use crate::consumer::{BatchHandler, Record};
+use crate::outbox::{self, OutboxMessage};
+
+/// What a participant's business logic decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Done; the output is passed to later steps and compensations.
+    Done(serde_json::Value),
+    /// A business refusal (no stock, declined card): final, stored, and the saga compensates.
+    Refused(StepError),
+    /// A transient failure (gateway timeout): nothing was done, nothing is stored, and the
+    /// orchestrator may try again.
+    Transient(StepError),
+}
+
+/// A participant's business logic. `handle` runs inside a savepoint of the batch transaction:
+/// whatever it writes is kept only when it returns `Done`.
+pub trait Participant: Send + Sync + 'static {
+    /// The participant's name as saga definitions use it (`inventory`, `payment`, ...).
+    const NAME: &'static str;
+
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        command: &'a CommandEnvelope,
+    ) -> impl Future<Output = sqlx::Result<Outcome>> + Send + 'a;
+}
+
+const COMMANDS: &str = "participant_commands_total";
+const REJECTED: &str = "participant_commands_rejected_total";
+
+fn describe_metrics() {
+    describe_counter!(
+        COMMANDS,
+        "Commands handled, by action, kind and result (succeeded, refused, transient, replayed)"
+    );
+    describe_counter!(REJECTED, "Messages on the commands topic that could not be read as a command, by reason");
+}
+
+/// Applies batches of commands for one participant.
+pub struct CommandHandler<P> {
+    pub pool: PgPool,
+    pub participant: P,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BadCommand {
+    #[error("message type {0:?} is not {MESSAGE_TYPE_COMMAND:?}")]
+    WrongType(String),
+    #[error("schema version {0:?} is not supported (this build reads {SCHEMA_VERSION})")]
+    WrongSchema(String),
+    #[error("empty payload")]
+    Empty,
+    #[error("not a valid command: {0}")]
+    Invalid(#[from] serde_json::Error),
+}
+
+impl BadCommand {
+    fn label(&self) -> &'static str {
+        match self {
+            BadCommand::WrongType(_) => "message_type",
+            BadCommand::WrongSchema(_) => "schema_version",
+            BadCommand::Empty => "empty",
+            BadCommand::Invalid(_) => "invalid_json",
+        }
+    }
+}
+
+/// Reads a command from a record, checking its type and schema headers when present.
+pub fn parse_command(record: &Record) -> Result<CommandEnvelope, BadCommand> {
+    if let Some(kind) = record.header(HEADER_MESSAGE_TYPE) {
+        if kind != MESSAGE_TYPE_COMMAND {
+            return Err(BadCommand::WrongType(kind.to_owned()));
+        }
+    }
+    if let Some(version) = record.header(HEADER_SCHEMA_VERSION) {
+        if version != SCHEMA_VERSION.to_string() {
+            return Err(BadCommand::WrongSchema(version.to_owned()));
+        }
+    }
+    let payload = record.payload.as_deref().ok_or(BadCommand::Empty)?;
+    let command: CommandEnvelope = serde_json::from_slice(payload)?;
+    if command.schema_version != SCHEMA_VERSION {
+        return Err(BadCommand::WrongSchema(command.schema_version.to_string()));
+    }
+    Ok(command)
+}
+
+impl<P: Participant> BatchHandler for CommandHandler<P> {
+    async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let mut replies = Vec::with_capacity(records.len());
+        for record in records {
+            let command = match parse_command(record) {
+                Ok(command) => command,
+                Err(error) => {
+                    // A later issue sends these to a dead-letter topic; for now they are logged and counted.
+                    tracing::warn!(position = record.position(), %error, "skipping a message that is not a command");
+                    counter!(REJECTED, "reason" => error.label()).increment(1);
+                    continue;
+                }
+            };
+            let reply = self.process(&mut tx, &command).await?;
+            replies.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
+        }
+        outbox::insert(&mut tx, &replies).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl<P: Participant> CommandHandler<P> {
+    #[tracing::instrument(skip_all, fields(saga_id = %command.saga_id, step = %command.step, kind = %command.kind, attempt = command.attempt))]
+    async fn process(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<ReplyEnvelope> {
+        let name = P::NAME;
+        let stored: Option<sqlx::types::Json<ReplyOutcome>> =
+            sqlx::query_scalar("SELECT outcome FROM processed_commands WHERE saga_id = $1 AND step = $2 AND kind = $3")
+                .bind(command.saga_id.as_uuid())
+                .bind(command.step.as_str())
+                .bind(command.kind.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(sqlx::types::Json(outcome)) = stored {
+            tracing::info!("duplicate command: replaying the stored reply");
+            counter!(COMMANDS, "action" => command.action.clone(), "kind" => command.kind.as_str(), "result" => "replayed").increment(1);
+            let mut reply = ReplyEnvelope::answering(command, name, outcome);
+            reply.replayed = true;
+            return Ok(reply);
+        }
+
+        let mut savepoint = conn.begin().await?;
+        let outcome = self.participant.handle(&mut savepoint, command).await?;
+        let (reply_outcome, keep, result) = match outcome {
+            Outcome::Done(output) => (ReplyOutcome::Succeeded { output }, true, "succeeded"),
+            Outcome::Refused(error) => (ReplyOutcome::Failed { error }, false, "refused"),
+            Outcome::Transient(error) => {
+                (ReplyOutcome::Failed { error: StepError { retryable: true, ..error } }, false, "transient")
+            }
+        };
+        if keep {
+            savepoint.commit().await?;
+        } else {
+            savepoint.rollback().await?;
+        }
+        counter!(COMMANDS, "action" => command.action.clone(), "kind" => command.kind.as_str(), "result" => result)
+            .increment(1);
+        tracing::info!(result, "handled command");
+
+        if result != "transient" {
+            sqlx::query("INSERT INTO processed_commands (saga_id, step, kind, outcome) VALUES ($1, $2, $3, $4)")
+                .bind(command.saga_id.as_uuid())
+                .bind(command.step.as_str())
+                .bind(command.kind.as_str())
+                .bind(sqlx::types::Json(&reply_outcome))
+                .execute(&mut *conn)
+                .await?;
+        }
+        if command.kind == StepKind::Compensation {
+            let tombstone = ReplyOutcome::Failed {
+                error: StepError::business(
+                    codes::ALREADY_COMPENSATED,
+                    "this step was compensated before its action arrived",
+                ),
+            };
+            sqlx::query(
+                "INSERT INTO processed_commands (saga_id, step, kind, outcome) VALUES ($1, $2, 'ACTION', $3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(command.saga_id.as_uuid())
+            .bind(command.step.as_str())
+            .bind(sqlx::types::Json(&tombstone))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(ReplyEnvelope::answering(command, name, reply_outcome))
+    }
+}
+
+/// Reads the saga input a participant needs; a command without it is refused as invalid.
+pub fn input<T: serde::de::DeserializeOwned>(command: &CommandEnvelope) -> Result<T, Outcome> {
+    T::deserialize(&command.input).map_err(|e| {
+        Outcome::Refused(StepError::business(
+            codes::INVALID_COMMAND,
+            format!("saga input lacks what {} needs: {e}", command.action),
+        ))
+    })
+}
+
+/// The refusal for an action this participant does not know.
+pub fn unknown_action(command: &CommandEnvelope) -> Outcome {
+    Outcome::Refused(StepError::business(codes::UNKNOWN_ACTION, format!("no action {:?} here", command.action)))
+}
+
+/// A participant service's configuration. Each service supplies its own defaults for the
+/// addresses and the database (see [`Defaults`]).
+#[derive(Debug, Clone, Parser)]
+#[command(version)]
+pub struct ServiceConfig {
+    /// Address of the HTTP server (API, /health, /ready).
+    #[arg(long, env = "HTTP_ADDR")]
+    pub http_addr: SocketAddr,
+    /// Address of the Prometheus metrics endpoint.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Kafka consumer group of this service's replicas (default: `<participant>-service`).
+    #[arg(long, env = "KAFKA_GROUP_ID")]
+    pub kafka_group_id: Option<String>,
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub outbox: OutboxConfig,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// A service's defaults.
+pub struct Defaults {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub http_addr: &'static str,
+    pub metrics_addr: &'static str,
+    pub database_url: &'static str,
+}
+
+impl ServiceConfig {
+    /// Parses flags and environment with the service's defaults.
+    pub fn parse_with(defaults: Defaults) -> Self {
+        let command = <Self as CommandFactory>::command()
+            .name(defaults.name)
+            .about(defaults.about)
+            .mut_arg("http_addr", |a| a.default_value(defaults.http_addr).required(false))
+            .mut_arg("metrics_addr", |a| a.default_value(defaults.metrics_addr).required(false))
+            .mut_arg("database_url", |a| a.default_value(defaults.database_url).required(false));
+        let matches = command.get_matches();
+        <Self as FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// What a service's HTTP routes may use.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub pool: PgPool,
+    pub kafka: KafkaConfig,
+}
+
+/// Runs a participant service until SIGTERM or Ctrl-C: migrations, the command consumer, the
+/// outbox relay, and HTTP (`/health`, `/ready` and the routes `api` builds from the pool).
+pub async fn run<P: Participant>(
+    participant: impl FnOnce(PgPool) -> P,
+    config: ServiceConfig,
+    migrations: Migrator,
+    api: impl FnOnce(ApiContext) -> Router,
+) -> anyhow::Result<()> {
+    let name = P::NAME;
+    crate::telemetry::init_logs(&config.telemetry);
+    crate::telemetry::serve_metrics(config.metrics_addr)?;
+    describe_metrics();
+    let pool = crate::db::connect(
+        &config.database,
+        vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations],
+    )
+    .await?;
+    let topic = config.kafka.topic(&commands_topic(name));
+    crate::kafka::ensure_topics(
+        &config.kafka,
+        &[topic.clone(), config.kafka.topic(saga_defs::contract::REPLIES_TOPIC)],
+    )
+    .await?;
+    let producer = crate::kafka::producer(&config.kafka, &format!("{name}-service"))?;
+    let group = config.kafka_group_id.clone().unwrap_or_else(|| format!("{name}-service"));
+    let consumer = crate::kafka::consumer(&config.kafka, &group, &[topic])?;
+    let shutdown = crate::shutdown::on_signal();
+
+    let relay =
+        tokio::spawn(outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()));
+    let gauges = tokio::spawn(outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+    let handler = CommandHandler { pool: pool.clone(), participant: participant(pool.clone()) };
+    let batch_size = config.kafka.kafka_batch_size;
+    let consumer_shutdown = shutdown.clone();
+    let consuming = tokio::spawn(async move {
+        crate::consumer::run(&consumer, batch_size, &handler, consumer_shutdown).await;
+    });
+
+    let readiness = crate::health::Readiness { service: name, pool: pool.clone(), producer };
+    let router =
+        api(ApiContext { pool: pool.clone(), kafka: config.kafka.clone() }).merge(crate::health::router(readiness));
+    let served = crate::health::serve(config.http_addr, router, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = consuming.await;
+        let _ = relay.await;
+        let _ = gauges.await;
+    })
+    .await;
+    pool.close().await;
+    served
+}

@@ -344,3 +344,40 @@ async fn a_reply_delivered_twice_causes_one_transition() -> anyhow::Result<()> {
     assert_eq!(actions, 1, "one verify_order action attempt");
     system.stop().await
 }
+
+#[tokio::test]
+async fn concurrent_orders_for_scarce_stock_never_oversell() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    system.set_stock("SKU-HOT", 5).await?;
+    let body = order_body("SKU-HOT", 1, "tok_visa", "62701");
+    let placed = futures_join(&system, &body, 12).await?;
+    let mut completed = 0;
+    let mut unavailable = 0;
+    for saga_id in &placed {
+        let saga = system.wait_terminal(saga_id, SETTLE).await?;
+        match (saga["status"].as_str().unwrap(), saga["failure"]["code"].as_str()) {
+            ("COMPLETED", _) => completed += 1,
+            ("FAILED", Some("INVENTORY_UNAVAILABLE")) => unavailable += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((completed, unavailable), (5, 7), "exactly the stock on hand was sold");
+    assert_eq!(system.stock("SKU-HOT").await?, 0);
+    system.stop().await
+}
+
+/// Places `n` orders at once; returns their saga ids.
+async fn futures_join(system: &System, body: &Value, n: usize) -> anyhow::Result<Vec<String>> {
+    let keys: Vec<String> = (0..n).map(|i| format!("hot-{i}")).collect();
+    let mut handles = Vec::new();
+    for key in &keys {
+        handles.push(system.place_order(key, body));
+    }
+    let mut ids = Vec::new();
+    for result in futures::future::join_all(handles).await {
+        let (status, order) = result?;
+        assert_eq!(status, 201);
+        ids.push(order["saga_id"].as_str().unwrap().to_owned());
+    }
+    Ok(ids)
+}

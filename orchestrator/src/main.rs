@@ -64,6 +64,7 @@ fn topics(config: &Config, registry: &Registry) -> Vec<String> {
 async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     telemetry::serve_metrics(config.metrics_addr)?;
     crate::metrics::describe();
+    crate::metrics::register_saga_types(registry.all().map(|d| d.name.to_string()));
     for definition in registry.all() {
         tracing::info!(saga_type = %definition.name, version = definition.version, steps = definition.steps.len(), "loaded saga definition");
     }

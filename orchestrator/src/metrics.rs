@@ -41,3 +41,13 @@ pub(crate) fn describe() {
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, route and status");
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration, by method, route and status");
 }
+
+/// Registers the saga counters at zero for every loaded saga type, so that dashboards and the
+/// runbook's `grep saga_failed_total` see them before the first saga ends.
+pub(crate) fn register_saga_types(types: impl IntoIterator<Item = String>) {
+    for saga_type in types {
+        for name in [SAGA_CREATED, SAGA_COMPLETED, SAGA_FAILED, SAGA_NEEDS_ATTENTION] {
+            metrics::counter!(name, "saga_type" => saga_type.clone()).increment(0);
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! `GET /api/v1/stock/{sku}` and `PUT /api/v1/stock/{sku}` (set the available quantity).
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -13,10 +13,7 @@ pub(crate) fn router(context: ApiContext) -> Router {
     Router::new().route("/api/v1/stock/{sku}", get(show).put(set)).with_state(context)
 }
 
-fn problem(status: StatusCode, kind: &str, detail: String) -> Response {
-    let body = json!({"type": format!("https://saga-orchestrator.dev/problems/{kind}"), "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail});
-    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
-}
+use saga_runtime::health::problem;
 
 fn internal(error: sqlx::Error) -> Response {
     tracing::error!(%error, "request failed");

@@ -61,3 +61,14 @@ pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken
     axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())
 }
+
+/// An `application/problem+json` (RFC 9457) response with a stable `type` per kind of error.
+pub fn problem(status: axum::http::StatusCode, kind: &str, detail: String) -> axum::response::Response {
+    let body = json!({
+        "type": format!("https://saga-orchestrator.dev/problems/{kind}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    (status, [(axum::http::header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+}

@@ -237,7 +237,7 @@ async fn sagas_in_flight_when_the_orchestrator_is_killed_all_finish_after_a_rest
     }
     // Let the sagas get going, then kill the orchestrator without any warning.
     let started = std::time::Instant::now();
-    loop {
+    let in_flight_at_kill = loop {
         let in_flight: Value = system
             .http
             .get(system.url("orchestrator", "/api/v1/sagas?status=RUNNING,COMPENSATING&limit=100"))
@@ -245,11 +245,13 @@ async fn sagas_in_flight_when_the_orchestrator_is_killed_all_finish_after_a_rest
             .await?
             .json()
             .await?;
-        if in_flight["count"].as_u64().unwrap_or(0) >= 5 || started.elapsed() > Duration::from_secs(30) {
-            break;
+        let n = in_flight["count"].as_u64().unwrap_or(0);
+        if n >= 5 || started.elapsed() > Duration::from_secs(30) {
+            break n;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(in_flight_at_kill > 0, "the kill must hit sagas in flight");
     system.kill("orchestrator").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     system.spawn("orchestrator")?;

@@ -70,23 +70,22 @@ impl Participant for Inventory {
                 Ok(Outcome::Done(json!({"reserved": wanted})))
             }
             "release_inventory" => {
-                let released: Vec<(String, i64)> = sqlx::query_as(
+                let mut released: Vec<(String, i64)> = sqlx::query_as(
                     "UPDATE reservations SET status = 'RELEASED', released_at = now()
                      WHERE saga_id = $1 AND status = 'RESERVED' RETURNING sku, quantity",
                 )
                 .bind(saga_id)
                 .fetch_all(&mut *conn)
                 .await?;
-                let mut sorted = released.clone();
-                sorted.sort();
-                for (sku, quantity) in &sorted {
+                released.sort();
+                for (sku, quantity) in &released {
                     sqlx::query("UPDATE stock SET available = available + $2, updated_at = now() WHERE sku = $1")
                         .bind(sku)
                         .bind(quantity)
                         .execute(&mut *conn)
                         .await?;
                 }
-                let released: BTreeMap<String, i64> = sorted.into_iter().collect();
+                let released: BTreeMap<String, i64> = released.into_iter().collect();
                 Ok(Outcome::Done(json!({"released": released})))
             }
             _ => Ok(unknown_action(command)),

@@ -16,10 +16,15 @@ use crate::config::KafkaConfig;
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);
-    for (key, value) in &config.kafka_properties {
+    set_all(&mut client, &config.kafka_properties);
+    client
+}
+
+/// Applies pass-through properties last, so they override our defaults.
+fn set_all(client: &mut ClientConfig, properties: &crate::config::Properties) {
+    for (key, value) in properties {
         client.set(key, value);
     }
-    client
 }
 
 /// An idempotent producer (`enable.idempotence=true`, `acks=all`).
@@ -31,9 +36,7 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000");
-    for (key, value) in &config.kafka_producer_properties {
-        client.set(key, value);
-    }
+    set_all(&mut client, &config.kafka_producer_properties);
     client.create()
 }
 
@@ -50,9 +53,7 @@ pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Resu
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
-    for (key, value) in &config.kafka_consumer_properties {
-        client.set(key, value);
-    }
+    set_all(&mut client, &config.kafka_consumer_properties);
     let consumer: StreamConsumer = client.create()?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

@@ -35,6 +35,23 @@ pub(crate) struct Config {
         global = true
     )]
     pub(crate) redact_fields: Vec<String>,
+    /// API bearer tokens, `name:scope:secret` separated by commas; scope `read` (queries) or
+    /// `admin` (actions and queries). The name is the actor in the audit log.
+    #[arg(
+        long,
+        env = "API_TOKENS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub(crate) api_tokens: String,
+    /// Serve the API without authentication (local development only).
+    #[arg(long, env = "AUTH_DISABLED", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub(crate) auth_disabled: bool,
+    /// A directory of saga definition documents (*.json) to load besides the built-in ones.
+    #[arg(long, env = "SAGA_DEFINITIONS_DIR", global = true)]
+    pub(crate) definitions_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub(crate) database: DatabaseConfig,
     #[command(flatten)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use metrics::{counter, histogram};
 use saga_defs::contract::{commands_topic, MESSAGE_TYPE_COMMAND, REPLIES_TOPIC, SCHEMA_VERSION};
-use saga_defs::machine::{AttemptOutcome, StepReply, Transition};
+use saga_defs::machine::{AttemptOutcome, StepReply, Transition, TransitionError};
 use saga_defs::{
     Clock, CommandEnvelope, Registry, ReplyEnvelope, SagaDefinition, SagaEvent, SagaId, SagaState, SagaStatus,
     StartSagaRequest,
@@ -118,6 +118,67 @@ pub(crate) enum ApplyError {
     Corrupt(#[from] store::CorruptRow),
     #[error("saga {0} changed under a held lock (version guard failed)")]
     VersionConflict(Uuid),
+}
+
+/// What an operator asks of a saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Operation {
+    Retry,
+    Abort,
+}
+
+impl Operation {
+    pub(crate) fn as_str(&self) -> &'static str {
+        match self {
+            Operation::Retry => "RETRY",
+            Operation::Abort => "ABORT",
+        }
+    }
+}
+
+/// Who asked, why, and under which request.
+#[derive(Debug, Clone)]
+pub(crate) struct Operator<'a> {
+    pub(crate) actor: &'a str,
+    pub(crate) reason: &'a str,
+    pub(crate) idempotency_key: Option<&'a str>,
+    pub(crate) bulk_id: Option<Uuid>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OperateError {
+    #[error("no saga {0}")]
+    NotFound(Uuid),
+    #[error(transparent)]
+    Refused(TransitionError),
+    #[error("saga definition {0} v{1} is not loaded")]
+    UnknownDefinition(String, i32),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl From<sqlx::Error> for OperateError {
+    fn from(error: sqlx::Error) -> Self {
+        OperateError::Apply(error.into())
+    }
+}
+
+/// The result of an operator's action: the state before and after, and the audit entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Operated {
+    pub(crate) saga_id: Uuid,
+    pub(crate) status_before: SagaStatus,
+    pub(crate) status_after: SagaStatus,
+    pub(crate) version_after: i64,
+    pub(crate) audit_id: i64,
+    pub(crate) summary: String,
+}
+
+/// Where an event came from, for the history.
+struct Origin<'a> {
+    trigger: &'a str,
+    message_id: Option<Uuid>,
+    operator: Option<&'a Operator<'a>>,
 }
 
 pub(crate) struct Engine {
@@ -232,7 +293,8 @@ impl Engine {
             attempt: reply.attempt,
             outcome: reply.outcome.clone(),
         });
-        self.apply(conn, row, &event, "REPLY", Some(reply.message_id), effects).await
+        let origin = Origin { trigger: "REPLY", message_id: Some(reply.message_id), operator: None };
+        self.apply(conn, row, &event, origin, effects).await
     }
 
     /// Fires the timer of a saga the caller has locked.
@@ -243,17 +305,80 @@ impl Engine {
         effects: &mut Effects,
     ) -> Result<(), ApplyError> {
         let Some(row) = store::lock(conn, id).await? else { return Ok(()) };
-        self.apply(conn, row, &SagaEvent::TimerFired, "TIMER", None, effects).await
+        let origin = Origin { trigger: "TIMER", message_id: None, operator: None };
+        self.apply(conn, row, &SagaEvent::TimerFired, origin, effects).await
     }
 
-    #[tracing::instrument(skip_all, fields(saga_id = %row.id, trigger))]
+    /// An operator's retry or abort of the saga `id`, which this call locks.
+    pub(crate) async fn operate(
+        &self,
+        conn: &mut PgConnection,
+        id: Uuid,
+        operation: &Operation,
+        operator: &Operator<'_>,
+        effects: &mut Effects,
+    ) -> Result<Operated, OperateError> {
+        let row = store::lock(conn, id).await?.ok_or(OperateError::NotFound(id))?;
+        self.operate_locked(conn, row, operation, operator, effects).await
+    }
+
+    /// An operator's retry or abort of a saga the caller has locked. Writes the transition, its
+    /// history entry and the audit entry on the caller's transaction.
+    pub(crate) async fn operate_locked(
+        &self,
+        conn: &mut PgConnection,
+        row: SagaRow,
+        operation: &Operation,
+        operator: &Operator<'_>,
+        effects: &mut Effects,
+    ) -> Result<Operated, OperateError> {
+        let Some(definition) = self.registry.get(&row.saga_type, row.definition_version as u32) else {
+            return Err(OperateError::UnknownDefinition(row.saga_type.clone(), row.definition_version));
+        };
+        let event = match operation {
+            Operation::Retry => SagaEvent::Retry,
+            Operation::Abort => SagaEvent::Abort { reason: operator.reason.to_owned() },
+        };
+        let status_before = row.status().map_err(ApplyError::from)?;
+        let (id, version_before) = (row.id, row.version);
+        let origin = Origin { trigger: operation.as_str(), message_id: None, operator: Some(operator) };
+        let (transition, summary) =
+            self.transition(conn, definition, row, &event, origin, effects).await?.map_err(OperateError::Refused)?;
+        let audit_id = store::append_audit(
+            conn,
+            store::NewAudit {
+                saga_id: id,
+                action: operation.as_str(),
+                actor: operator.actor,
+                reason: operator.reason,
+                idempotency_key: operator.idempotency_key,
+                bulk_id: operator.bulk_id,
+                status_before,
+                status_after: transition.next.status,
+                version_before,
+                detail: json!({"summary": summary, "transition": detail(&transition, None)}),
+                now: Utc::now(),
+            },
+        )
+        .await?;
+        tracing::info!(saga_id = %id, action = operation.as_str(), actor = operator.actor, reason = operator.reason, %summary, "operator action");
+        Ok(Operated {
+            saga_id: id,
+            status_before,
+            status_after: transition.next.status,
+            version_after: version_before + 1,
+            audit_id,
+            summary,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(saga_id = %row.id, trigger = origin.trigger))]
     async fn apply(
         &self,
         conn: &mut PgConnection,
         row: SagaRow,
         event: &SagaEvent,
-        trigger: &str,
-        message_id: Option<Uuid>,
+        origin: Origin<'_>,
         effects: &mut Effects,
     ) -> Result<(), ApplyError> {
         let Some(definition) = self.registry.get(&row.saga_type, row.definition_version as u32) else {
@@ -261,15 +386,29 @@ impl Engine {
             effects.ignored("unknown_definition");
             return Ok(());
         };
+        if let Err(error) = self.transition(conn, definition, row, event, origin, effects).await? {
+            tracing::info!(%error, "event changes nothing");
+            effects.ignored(error.label());
+        }
+        Ok(())
+    }
+
+    /// Runs the state machine and writes what it decided. The inner error is an event that
+    /// does not apply to the saga's state; nothing was written then.
+    async fn transition(
+        &self,
+        conn: &mut PgConnection,
+        definition: &SagaDefinition,
+        row: SagaRow,
+        event: &SagaEvent,
+        origin: Origin<'_>,
+        effects: &mut Effects,
+    ) -> Result<Result<(Transition, String), TransitionError>, ApplyError> {
         let state = row.state()?;
         let clock = clock();
         let transition = match saga_defs::apply(definition, &state, event, clock) {
             Ok(transition) => transition,
-            Err(error) => {
-                tracing::info!(%error, "event changes nothing");
-                effects.ignored(error.label());
-                return Ok(());
-            }
+            Err(error) => return Ok(Err(error)),
         };
         let next = &transition.next;
         let step_name = definition.steps[next.step_index].name.as_str();
@@ -293,6 +432,7 @@ impl Engine {
                 AttemptOutcome::Succeeded { .. } => ("succeeded", None),
                 AttemptOutcome::Failed(e) => ("failed", Some(e.code.clone())),
                 AttemptOutcome::TimedOut => ("timed_out", Some(saga_defs::contract::codes::STEP_TIMEOUT.to_owned())),
+                AttemptOutcome::Abandoned => ("abandoned", None),
             };
             effects.0.push(Effect::StepFinished {
                 saga_type: row.saga_type.clone(),
@@ -304,7 +444,13 @@ impl Engine {
             });
         }
         self.write_effects(conn, row.id, definition, &row.input, &outputs, &transition, clock.now).await?;
-        let summary = describe(definition, Some(&state), trigger, &transition);
+        let mut summary = describe(definition, Some(&state), origin.trigger, &transition);
+        let mut history_detail = detail(&transition, origin.message_id);
+        if let Some(operator) = origin.operator {
+            summary =
+                format!("{} by {} ({}); {summary}", origin.trigger.to_lowercase(), operator.actor, operator.reason);
+            history_detail["operator"] = json!({"actor": operator.actor, "reason": operator.reason});
+        }
         store::append_history(
             conn,
             HistoryEntry {
@@ -312,9 +458,9 @@ impl Engine {
                 version: row.version + 1,
                 from_status: Some(state.status),
                 to_status: next.status,
-                trigger,
+                trigger: origin.trigger,
                 summary: &summary,
-                detail: detail(&transition, message_id),
+                detail: history_detail,
                 now: clock.now,
             },
         )
@@ -327,7 +473,7 @@ impl Engine {
             });
             tracing::info!(status = %next.status, "saga ended");
         }
-        Ok(())
+        Ok(Ok((transition, summary)))
     }
 
     /// Records the commands as pending attempts and puts them in the outbox.
@@ -379,6 +525,7 @@ fn detail(transition: &Transition, message_id: Option<Uuid>) -> Value {
                 ("FAILED", Some(json!({"code": e.code, "message": e.message, "retryable": e.retryable})))
             }
             AttemptOutcome::TimedOut => ("TIMED_OUT", None),
+            AttemptOutcome::Abandoned => ("ABANDONED", None),
         };
         json!({"step": f.step, "kind": f.kind, "attempt": f.attempt, "outcome": outcome, "error": error})
     });
@@ -405,6 +552,7 @@ fn describe(definition: &SagaDefinition, before: Option<&SagaState>, trigger: &s
             AttemptOutcome::Succeeded { .. } => format!("{what} succeeded"),
             AttemptOutcome::Failed(e) => format!("{what} failed: {} ({})", e.code, e.message),
             AttemptOutcome::TimedOut => format!("{what} timed out"),
+            AttemptOutcome::Abandoned => format!("{what} abandoned"),
         });
     } else if trigger == "TIMER" {
         parts.push("backoff over".to_owned());

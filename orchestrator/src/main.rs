@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let config = Config::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     telemetry::init_logs(&config.telemetry);
-    let registry = Arc::new(Registry::embedded()?);
+    let registry = Arc::new(load_definitions(config.definitions_dir.as_deref())?);
     let result = match config.command {
         None | Some(Command::Serve) => serve(config, registry).await,
         Some(Command::Migrate) => {
@@ -50,6 +50,24 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The built-in definitions plus the `*.json` documents of `dir`.
+fn load_definitions(dir: Option<&std::path::Path>) -> anyhow::Result<Registry> {
+    let mut documents = Vec::new();
+    if let Some(dir) = dir {
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("SAGA_DEFINITIONS_DIR {}: {e}", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                documents.push((path.display().to_string(), text));
+            }
+        }
+        documents.sort();
+    }
+    Ok(Registry::embedded_with(documents.iter().map(|(file, text)| (file.as_str(), text.as_str())))?)
+}
+
 fn migrations() -> Vec<sqlx::migrate::Migrator> {
     vec![db::outbox_migrations(), orchestrator_migrations()]
 }
@@ -61,7 +79,14 @@ fn topics(config: &Config, registry: &Registry) -> Vec<String> {
     names.iter().map(|n| config.kafka.topic(n)).collect()
 }
 
-async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
+async fn serve(mut config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
+    let auth = http::auth::Auth::from_config(&std::mem::take(&mut config.api_tokens), config.auth_disabled)?;
+    match &auth {
+        http::auth::Auth::Disabled => tracing::warn!(
+            "AUTH_DISABLED=true: the API answers without a token; never do this outside local development"
+        ),
+        tokens => tracing::info!(?tokens, "API tokens loaded"),
+    }
     telemetry::serve_metrics(config.metrics_addr)?;
     crate::metrics::describe();
     crate::metrics::register_saga_types(registry.all().map(|d| d.name.to_string()));
@@ -104,7 +129,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
 
     let state = http::AppState { pool: pool.clone(), engine, redact: Arc::new(config.redact_fields.clone()) };
     let readiness = health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer };
-    let router = http::router(state).merge(health::router(readiness));
+    let router = http::finish(http::router(state, auth).merge(health::router(readiness)));
     let served = health::serve(config.http_addr, router, shutdown.clone()).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(tasks)).await;

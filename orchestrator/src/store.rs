@@ -6,7 +6,7 @@ use saga_defs::machine::{AttemptOutcome, FinishedAttempt, StepCommand};
 use saga_defs::messages::FailureInfo;
 use saga_defs::{SagaState, SagaStatus, StepKind, StepName, Waiting};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 /// One row of `saga_instances`.
@@ -23,6 +23,7 @@ pub(crate) struct SagaRow {
     pub(crate) step_name: String,
     pub(crate) step_kind: String,
     pub(crate) attempt: i32,
+    pub(crate) first_attempt: i32,
     pub(crate) waiting: String,
     pub(crate) wake_at: Option<DateTime<Utc>>,
     pub(crate) failure_step: Option<String>,
@@ -81,6 +82,8 @@ impl SagaRow {
                 .map_err(|_| self.corrupt("step_index", &self.step_index.to_string()))?,
             kind,
             attempt: u32::try_from(self.attempt).map_err(|_| self.corrupt("attempt", &self.attempt.to_string()))?,
+            first_attempt: u32::try_from(self.first_attempt)
+                .map_err(|_| self.corrupt("first_attempt", &self.first_attempt.to_string()))?,
             waiting,
             failure: failure(&self.failure_step, &self.failure_code, &self.failure_reason),
             attention: failure(&self.attention_step, &self.attention_code, &self.attention_reason),
@@ -89,7 +92,7 @@ impl SagaRow {
 }
 
 pub(crate) const SAGA_COLUMNS: &str = "id, saga_type, definition_version, business_key, input, outputs, status, \
-    step_index, step_name, step_kind, attempt, waiting, wake_at, failure_step, failure_code, failure_reason, \
+    step_index, step_name, step_kind, attempt, first_attempt, waiting, wake_at, failure_step, failure_code, failure_reason, \
     attention_step, attention_code, attention_reason, version, created_at, updated_at, ended_at";
 
 pub(crate) async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<SagaRow>> {
@@ -186,7 +189,8 @@ pub(crate) async fn update(
     let a = next.attention.as_ref();
     let result = sqlx::query(
         "UPDATE saga_instances SET
-             status = $3, step_index = $4, step_name = $5, step_kind = $6, attempt = $7, waiting = $8, wake_at = $9,
+             status = $3, step_index = $4, step_name = $5, step_kind = $6, attempt = $7, first_attempt = $19,
+             waiting = $8, wake_at = $9,
              failure_step = $10, failure_code = $11, failure_reason = $12,
              attention_step = $13, attention_code = $14, attention_reason = $15,
              outputs = CASE WHEN $16::text IS NULL THEN outputs ELSE outputs || jsonb_build_object($16::text, $17::jsonb) END,
@@ -212,6 +216,7 @@ pub(crate) async fn update(
     .bind(output_step)
     .bind(output)
     .bind(now)
+    .bind(next.first_attempt as i32)
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -253,6 +258,9 @@ pub(crate) async fn finish_attempt(
         AttemptOutcome::Failed(error) => ("FAILED", Some(error.code.as_str()), Some(error.message.as_str()), None),
         AttemptOutcome::TimedOut => {
             ("TIMED_OUT", Some(saga_defs::contract::codes::STEP_TIMEOUT), Some("no reply before the deadline"), None)
+        }
+        AttemptOutcome::Abandoned => {
+            ("ABANDONED", None, Some("an operator's retry or abort stopped waiting for it"), None)
         }
     };
     sqlx::query_scalar(
@@ -360,29 +368,392 @@ pub(crate) async fn history(conn: &mut PgConnection, saga_id: Uuid) -> sqlx::Res
     .await
 }
 
-/// Filters of the saga list.
+/// Filters of the saga list; every field narrows the result. Values are bound, never spliced.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ListFilter {
     pub(crate) statuses: Vec<String>,
     pub(crate) saga_type: Option<String>,
+    /// The step that failed forward, or whose compensation needs a human.
+    pub(crate) failed_step: Option<String>,
+    /// The failure's or the attention's error code.
+    pub(crate) failure_code: Option<String>,
     pub(crate) business_key: Option<String>,
-    pub(crate) limit: i64,
+    pub(crate) created_after: Option<DateTime<Utc>>,
+    pub(crate) created_before: Option<DateTime<Utc>>,
+    pub(crate) updated_after: Option<DateTime<Utc>>,
+    pub(crate) updated_before: Option<DateTime<Utc>>,
+    /// Not terminal and started before this instant.
+    pub(crate) unfinished_since: Option<DateTime<Utc>>,
+    /// Not terminal and its deadline or backoff passed before this instant, without the timer
+    /// loop having moved it on.
+    pub(crate) overdue_since: Option<DateTime<Utc>>,
 }
 
-/// Sagas matching the filter, newest first.
-pub(crate) async fn list(conn: &mut PgConnection, filter: &ListFilter) -> sqlx::Result<Vec<SagaRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {SAGA_COLUMNS} FROM saga_instances
-         WHERE (cardinality($1::text[]) = 0 OR status = ANY($1))
-           AND ($2::text IS NULL OR saga_type = $2)
-           AND ($3::text IS NULL OR business_key = $3)
-         ORDER BY created_at DESC, id DESC
-         LIMIT $4"
+/// A position in the list: the last row of the previous page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) id: Uuid,
+}
+
+/// Appends the WHERE clause of `filter` to `query`.
+fn push_filter(query: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter) {
+    query.push(" WHERE TRUE");
+    if !filter.statuses.is_empty() {
+        query.push(" AND status = ANY(").push_bind(filter.statuses.clone()).push(")");
+    }
+    let mut eq = |column: &str, value: &Option<String>| {
+        if let Some(value) = value {
+            query.push(format_args!(" AND {column} = ")).push_bind(value.clone());
+        }
+    };
+    eq("saga_type", &filter.saga_type);
+    eq("business_key", &filter.business_key);
+    if let Some(step) = &filter.failed_step {
+        query.push(" AND (failure_step = ").push_bind(step.clone());
+        query.push(" OR attention_step = ").push_bind(step.clone()).push(")");
+    }
+    if let Some(code) = &filter.failure_code {
+        query.push(" AND (failure_code = ").push_bind(code.clone());
+        query.push(" OR attention_code = ").push_bind(code.clone()).push(")");
+    }
+    if filter.unfinished_since.is_some() || filter.overdue_since.is_some() {
+        query.push(" AND status IN ('RUNNING', 'COMPENSATING')");
+    }
+    for (expr, value) in [
+        ("created_at >=", filter.created_after),
+        ("created_at <", filter.created_before),
+        ("updated_at >=", filter.updated_after),
+        ("updated_at <", filter.updated_before),
+        ("created_at <", filter.unfinished_since),
+        ("wake_at <", filter.overdue_since),
+    ] {
+        if let Some(value) = value {
+            query.push(format_args!(" AND {expr} ")).push_bind(value);
+        }
+    }
+}
+
+/// One page of sagas matching the filter, newest first, after `after` if given.
+pub(crate) async fn list(
+    conn: &mut PgConnection,
+    filter: &ListFilter,
+    after: Option<Position>,
+    limit: i64,
+) -> sqlx::Result<Vec<SagaRow>> {
+    let mut query = QueryBuilder::new(format!("SELECT {SAGA_COLUMNS} FROM saga_instances"));
+    push_filter(&mut query, filter);
+    if let Some(after) = after {
+        query.push(" AND (created_at, id) < (").push_bind(after.created_at).push(", ").push_bind(after.id).push(")");
+    }
+    query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
+    query.build_query_as().fetch_all(conn).await
+}
+
+/// The plan Postgres chooses for a page of `filter` (for the query-plan test and docs).
+#[cfg(test)]
+pub(crate) async fn explain_list(conn: &mut PgConnection, filter: &ListFilter, limit: i64) -> sqlx::Result<String> {
+    let mut query = QueryBuilder::new(format!("EXPLAIN SELECT {SAGA_COLUMNS} FROM saga_instances"));
+    push_filter(&mut query, filter);
+    query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
+    let lines: Vec<String> = query.build_query_scalar().fetch_all(conn).await?;
+    Ok(lines.join("\n"))
+}
+
+/// Locks the sagas matching the filter, oldest first, for a bulk action.
+pub(crate) async fn lock_matching(
+    conn: &mut PgConnection,
+    filter: &ListFilter,
+    limit: i64,
+) -> sqlx::Result<Vec<SagaRow>> {
+    let mut query = QueryBuilder::new(format!("SELECT {SAGA_COLUMNS} FROM saga_instances"));
+    push_filter(&mut query, filter);
+    query.push(" ORDER BY created_at, id LIMIT ").push_bind(limit).push(" FOR UPDATE");
+    query.build_query_as().fetch_all(conn).await
+}
+
+/// Saga counts and durations over sagas created in [from, to).
+#[derive(Debug, Clone)]
+pub(crate) struct Stats {
+    pub(crate) by_status: Vec<(String, i64)>,
+    pub(crate) failures_by_step: Vec<(String, i64)>,
+    pub(crate) failures_by_code: Vec<(String, i64)>,
+    pub(crate) attention_by_step: Vec<(String, i64)>,
+    /// p50, p95, p99 of completed sagas' durations, in seconds.
+    pub(crate) completed_seconds: Option<[f64; 3]>,
+}
+
+pub(crate) async fn stats(
+    conn: &mut PgConnection,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    saga_type: Option<&str>,
+) -> sqlx::Result<Stats> {
+    const WINDOW: &str = "created_at >= $1 AND created_at < $2 AND ($3::text IS NULL OR saga_type = $3)";
+    let grouped = |column: &str, statuses: &str| {
+        format!(
+            "SELECT {column}, count(*) FROM saga_instances WHERE {WINDOW} AND {column} IS NOT NULL {statuses}
+             GROUP BY 1 ORDER BY 2 DESC, 1"
+        )
+    };
+    let failed = "AND status IN ('FAILED', 'NEEDS_ATTENTION', 'COMPENSATING')";
+    let mut counts = Vec::with_capacity(4);
+    for sql in [
+        grouped("status", ""),
+        grouped("failure_step", failed),
+        grouped("failure_code", failed),
+        grouped("attention_step", "AND status = 'NEEDS_ATTENTION'"),
+    ] {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as(&sql).bind(from).bind(to).bind(saga_type).fetch_all(&mut *conn).await?;
+        counts.push(rows);
+    }
+    let [by_status, failures_by_step, failures_by_code, attention_by_step]: [Vec<(String, i64)>; 4] =
+        counts.try_into().expect("four queries");
+    let percentiles: Option<Vec<f64>> = sqlx::query_scalar(&format!(
+        "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+             (ORDER BY EXTRACT(EPOCH FROM ended_at - created_at)::float8)
+         FROM saga_instances WHERE {WINDOW} AND status = 'COMPLETED'"
     ))
-    .bind(&filter.statuses)
-    .bind(&filter.saga_type)
-    .bind(&filter.business_key)
-    .bind(filter.limit)
+    .bind(from)
+    .bind(to)
+    .bind(saga_type)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Stats {
+        by_status,
+        failures_by_step,
+        failures_by_code,
+        attention_by_step,
+        completed_seconds: percentiles.and_then(|p| p.try_into().ok()),
+    })
+}
+
+/// One entry of the operator audit log.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub(crate) struct AuditRow {
+    pub(crate) id: i64,
+    pub(crate) saga_id: Uuid,
+    pub(crate) action: String,
+    pub(crate) actor: String,
+    pub(crate) reason: String,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) bulk_id: Option<Uuid>,
+    pub(crate) status_before: String,
+    pub(crate) status_after: String,
+    pub(crate) version_before: i64,
+    pub(crate) version_after: i64,
+    pub(crate) detail: Value,
+    pub(crate) recorded_at: DateTime<Utc>,
+}
+
+/// What an operator did, as written to the audit log.
+pub(crate) struct NewAudit<'a> {
+    pub(crate) saga_id: Uuid,
+    pub(crate) action: &'a str,
+    pub(crate) actor: &'a str,
+    pub(crate) reason: &'a str,
+    pub(crate) idempotency_key: Option<&'a str>,
+    pub(crate) bulk_id: Option<Uuid>,
+    pub(crate) status_before: SagaStatus,
+    pub(crate) status_after: SagaStatus,
+    pub(crate) version_before: i64,
+    pub(crate) detail: Value,
+    pub(crate) now: DateTime<Utc>,
+}
+
+pub(crate) async fn append_audit(conn: &mut PgConnection, audit: NewAudit<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO saga_audit (saga_id, action, actor, reason, idempotency_key, bulk_id, status_before,
+             status_after, version_before, version_after, detail, recorded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9 + 1, $10, $11)
+         RETURNING id",
+    )
+    .bind(audit.saga_id)
+    .bind(audit.action)
+    .bind(audit.actor)
+    .bind(audit.reason)
+    .bind(audit.idempotency_key)
+    .bind(audit.bulk_id)
+    .bind(audit.status_before.as_str())
+    .bind(audit.status_after.as_str())
+    .bind(audit.version_before)
+    .bind(audit.detail)
+    .bind(audit.now)
+    .fetch_one(conn)
+    .await
+}
+
+pub(crate) async fn audit(conn: &mut PgConnection, saga_id: Uuid) -> sqlx::Result<Vec<AuditRow>> {
+    sqlx::query_as(
+        "SELECT id, saga_id, action, actor, reason, idempotency_key, bulk_id, status_before, status_after,
+             version_before, version_after, detail, recorded_at
+         FROM saga_audit WHERE saga_id = $1 ORDER BY id",
+    )
+    .bind(saga_id)
     .fetch_all(conn)
     .await
+}
+
+/// A stored response to an operator request made under an Idempotency-Key.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct StoredResponse {
+    pub(crate) request_hash: String,
+    pub(crate) status_code: i32,
+    pub(crate) response: Value,
+}
+
+/// Claims `key` for this request; if it was used before, returns what was stored. A concurrent
+/// request with the same key waits here until the first one commits or rolls back.
+pub(crate) async fn claim_request_key(
+    conn: &mut PgConnection,
+    key: &str,
+    request_hash: &str,
+    actor: &str,
+) -> sqlx::Result<Option<StoredResponse>> {
+    let claimed = sqlx::query(
+        "INSERT INTO operator_requests (idempotency_key, request_hash, status_code, response, actor)
+         VALUES ($1, $2, 0, 'null'::jsonb, $3) ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(key)
+    .bind(request_hash)
+    .bind(actor)
+    .execute(&mut *conn)
+    .await?;
+    if claimed.rows_affected() == 1 {
+        return Ok(None);
+    }
+    sqlx::query_as("SELECT request_hash, status_code, response FROM operator_requests WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Stores the response to the request that claimed `key`, in the same transaction.
+pub(crate) async fn store_response(
+    conn: &mut PgConnection,
+    key: &str,
+    status_code: u16,
+    response: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE operator_requests SET status_code = $2, response = $3 WHERE idempotency_key = $1")
+        .bind(key)
+        .bind(status_code as i32)
+        .bind(response)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Against the real Postgres (`TEST_POSTGRES_URL`, default the local server): every filter of
+/// the saga list is served by an index, on a table large enough for the planner to care.
+/// `WRITE_QUERY_PLANS=docs/query-plans.md` also writes the plans down.
+#[cfg(test)]
+mod plan_tests {
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+
+    async fn scratch_database() -> (PgConnection, String) {
+        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("sagatest_plans_{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let mut conn = PgConnection::connect(&format!("{base}/{name}")).await.unwrap();
+        sqlx::migrate!("../migrations/orchestrator").run(&mut conn).await.unwrap();
+        (conn, name)
+    }
+
+    #[tokio::test]
+    async fn every_list_filter_is_served_by_an_index() {
+        let (mut conn, name) = scratch_database().await;
+        // 50,000 sagas over 50 days: mostly completed, some failed at various steps, a few in flight.
+        conn.execute(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash,
+                 business_key, input, status, step_index, step_name, step_kind, attempt, waiting, wake_at,
+                 failure_step, failure_code, attention_step, attention_code, created_at, updated_at, ended_at)
+             SELECT gen_random_uuid(), CASE WHEN i % 10 = 0 THEN 'refund' ELSE 'order-fulfilment' END, 1,
+                 'k' || i, 'h', 'order:' || i, '{}'::jsonb,
+                 s.status, 0, 'verify_order', 'ACTION', 1,
+                 CASE WHEN s.status IN ('RUNNING', 'COMPENSATING') THEN 'REPLY' ELSE 'NOTHING' END,
+                 CASE WHEN s.status IN ('RUNNING', 'COMPENSATING') THEN t + interval '10 seconds' END,
+                 CASE WHEN s.status IN ('FAILED', 'NEEDS_ATTENTION') THEN (ARRAY['reserve_inventory', 'charge_payment', 'create_shipment'])[1 + i % 3] END,
+                 CASE WHEN s.status IN ('FAILED', 'NEEDS_ATTENTION') THEN (ARRAY['INVENTORY_UNAVAILABLE', 'PAYMENT_DECLINED', 'INVALID_ADDRESS'])[1 + i % 3] END,
+                 CASE WHEN s.status = 'NEEDS_ATTENTION' THEN 'reserve_inventory' END,
+                 CASE WHEN s.status = 'NEEDS_ATTENTION' THEN 'STEP_TIMEOUT' END,
+                 t, t, CASE WHEN s.status IN ('RUNNING', 'COMPENSATING') THEN NULL ELSE t END
+             FROM generate_series(1, 50000) AS i,
+                 LATERAL (SELECT now() - (i * interval '86 seconds') AS t) AS tt,
+                 LATERAL (SELECT CASE WHEN i % 500 = 0 THEN 'RUNNING' WHEN i % 997 = 0 THEN 'NEEDS_ATTENTION'
+                                      WHEN i % 20 = 0 THEN 'FAILED' ELSE 'COMPLETED' END AS status) AS s",
+        )
+        .await
+        .unwrap();
+        conn.execute("ANALYZE saga_instances").await.unwrap();
+
+        let now = Utc::now();
+        let day = chrono::Duration::days(1);
+        let one = |f: fn(&mut ListFilter)| {
+            let mut filter = ListFilter::default();
+            f(&mut filter);
+            filter
+        };
+        let cases: Vec<(&str, ListFilter)> = vec![
+            ("no filter", ListFilter::default()),
+            ("status=FAILED", one(|f| f.statuses = vec!["FAILED".into()])),
+            ("status=RUNNING,NEEDS_ATTENTION", one(|f| f.statuses = vec!["RUNNING".into(), "NEEDS_ATTENTION".into()])),
+            ("saga_type=refund", one(|f| f.saga_type = Some("refund".into()))),
+            ("failed_step=charge_payment", one(|f| f.failed_step = Some("charge_payment".into()))),
+            ("failure_code=PAYMENT_DECLINED", one(|f| f.failure_code = Some("PAYMENT_DECLINED".into()))),
+            ("business_key=order:4242", one(|f| f.business_key = Some("order:4242".into()))),
+            ("created_after (last day)", ListFilter { created_after: Some(now - day), ..ListFilter::default() }),
+            (
+                "created_before (older than 40 days)",
+                ListFilter { created_before: Some(now - day * 40), ..ListFilter::default() },
+            ),
+            ("updated_after (last day)", ListFilter { updated_after: Some(now - day), ..ListFilter::default() }),
+            (
+                "updated_before (older than 40 days)",
+                ListFilter { updated_before: Some(now - day * 40), ..ListFilter::default() },
+            ),
+            (
+                "stuck_for=1h",
+                ListFilter { unfinished_since: Some(now - chrono::Duration::hours(1)), ..ListFilter::default() },
+            ),
+            (
+                "past_deadline=true",
+                ListFilter { overdue_since: Some(now - chrono::Duration::seconds(5)), ..ListFilter::default() },
+            ),
+            (
+                "status=FAILED&failure_code=INVALID_ADDRESS&created_after (last 7 days)",
+                ListFilter {
+                    statuses: vec!["FAILED".into()],
+                    failure_code: Some("INVALID_ADDRESS".into()),
+                    created_after: Some(now - day * 7),
+                    ..ListFilter::default()
+                },
+            ),
+        ];
+        let mut doc = String::from(
+            "# Query plans of GET /api/v1/sagas\n\nWritten by `WRITE_QUERY_PLANS=$PWD/docs/query-plans.md cargo test -p \
+             saga-orchestrator every_list_filter_is_served_by_an_index` on 50,000 sagas (see the test for their mix). \
+             The test fails if any filter's plan scans the table instead of an index.\n",
+        );
+        let mut failures = Vec::new();
+        for (name, filter) in &cases {
+            let plan = explain_list(&mut conn, filter, 21).await.unwrap();
+            doc.push_str(&format!("\n## {name}\n\n```\n{plan}\n```\n"));
+            if plan.contains("Seq Scan on saga_instances") || !plan.contains("Index") {
+                failures.push(format!("{name}:\n{plan}"));
+            }
+        }
+        if let Ok(path) = std::env::var("WRITE_QUERY_PLANS") {
+            std::fs::write(path, doc).unwrap();
+        }
+        drop(conn);
+        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+        assert!(failures.is_empty(), "filters not served by an index:\n{}", failures.join("\n\n"));
+    }
 }

@@ -38,6 +38,8 @@ pub mod codes {
     pub const UNKNOWN_ACTION: &str = "UNKNOWN_ACTION";
     /// Recorded by the orchestrator when no reply arrived before the step's deadline.
     pub const STEP_TIMEOUT: &str = "STEP_TIMEOUT";
+    /// An operator aborted the saga.
+    pub const ABORTED: &str = "ABORTED";
     /// Recorded when a completed step has no compensation, so the saga cannot be undone.
     pub const NOT_COMPENSATABLE: &str = "NOT_COMPENSATABLE";
     /// Stored by a participant for an action whose compensation arrived first: a late action is refused.

@@ -201,6 +201,12 @@ impl Registry {
         Self::from_documents(EMBEDDED.iter().copied())
     }
 
+    /// The shipped definitions plus `extra` documents (name, JSON text), e.g. read from a
+    /// directory at start-up. A type and version defined twice is an error.
+    pub fn embedded_with<'a>(extra: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, DefinitionError> {
+        Self::from_documents(EMBEDDED.iter().copied().chain(extra))
+    }
+
     pub fn from_documents<'a>(
         documents: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, DefinitionError> {

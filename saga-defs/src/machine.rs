@@ -30,6 +30,9 @@ pub struct SagaState {
     pub kind: StepKind,
     /// Attempt number of the current command, 1-based.
     pub attempt: u32,
+    /// The attempt at which the current retry budget began: 1, or the attempt an operator's
+    /// retry sent. The step's retry policy counts attempts from here.
+    pub first_attempt: u32,
     pub waiting: Waiting,
     /// The forward failure that made the saga compensate.
     pub failure: Option<FailureInfo>,
@@ -69,6 +72,13 @@ pub enum SagaEvent {
     Reply(StepReply),
     /// The saga's `wake_at` has passed: a reply deadline or a retry backoff ran out.
     TimerFired,
+    /// An operator re-drives the saga from where it stopped: the failed compensation, the step
+    /// that is stuck, or the action a non-compensatable step blocked. It gets a fresh retry budget.
+    Retry,
+    /// An operator stops a running saga; every step it may have done is compensated.
+    Abort {
+        reason: String,
+    },
 }
 
 /// A command to send to a participant.
@@ -86,9 +96,13 @@ pub struct StepCommand {
 /// How an attempt ended, for the step history.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptOutcome {
-    Succeeded { output: serde_json::Value },
+    Succeeded {
+        output: serde_json::Value,
+    },
     Failed(StepError),
     TimedOut,
+    /// An operator's retry or abort gave up waiting for this attempt.
+    Abandoned,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +134,8 @@ pub enum TransitionError {
     NotDue,
     #[error("saga state points at step {0}, which its definition does not have")]
     UnknownStep(usize),
+    #[error("cannot {action} a {status} saga: {why}")]
+    NotAllowed { action: &'static str, status: SagaStatus, why: String },
 }
 
 impl TransitionError {
@@ -130,6 +146,7 @@ impl TransitionError {
             TransitionError::UnexpectedReply { .. } => "unexpected_reply",
             TransitionError::NotDue => "not_due",
             TransitionError::UnknownStep(_) => "unknown_step",
+            TransitionError::NotAllowed { .. } => "not_allowed",
         }
     }
 }
@@ -141,6 +158,7 @@ pub fn start(definition: &SagaDefinition, clock: Clock) -> Transition {
         step_index: 0,
         kind: StepKind::Action,
         attempt: 1,
+        first_attempt: 1,
         waiting: Waiting::Nothing,
         failure: None,
         attention: None,
@@ -155,6 +173,11 @@ pub fn apply(
     event: &SagaEvent,
     clock: Clock,
 ) -> Result<Transition, TransitionError> {
+    match event {
+        SagaEvent::Retry => return retry(definition, state, clock),
+        SagaEvent::Abort { reason } => return abort(definition, state, reason, clock),
+        SagaEvent::Reply(_) | SagaEvent::TimerFired => {}
+    }
     if state.status.is_terminal() {
         return Err(TransitionError::Terminal(state.status));
     }
@@ -203,7 +226,79 @@ pub fn apply(
                 Waiting::Nothing => Err(TransitionError::NotDue),
             }
         }
+        SagaEvent::Retry | SagaEvent::Abort { .. } => unreachable!("handled above"),
     }
+}
+
+/// An operator's retry: sends the current step (action or compensation) again at once, with the
+/// next attempt number (so late replies to earlier attempts are recognised as stale) and a fresh
+/// retry budget. The participant's idempotency key is (saga, step, kind), so an attempt that did
+/// act before is answered from its record instead of acting twice.
+fn retry(definition: &SagaDefinition, state: &SagaState, clock: Clock) -> Result<Transition, TransitionError> {
+    let refuse = |why: &str| TransitionError::NotAllowed { action: "retry", status: state.status, why: why.to_owned() };
+    let step = definition.step(state.step_index).ok_or(TransitionError::UnknownStep(state.step_index))?;
+    let mut next = state.clone();
+    let finished = match state.status {
+        SagaStatus::Completed => return Err(refuse("every step succeeded; there is nothing to retry")),
+        SagaStatus::Failed => {
+            return Err(refuse("it failed and every completed step was compensated; start a new saga instead"))
+        }
+        SagaStatus::NeedsAttention => {
+            next.attention = None;
+            next.status = match state.kind {
+                StepKind::Compensation => SagaStatus::Compensating,
+                StepKind::Action => {
+                    next.failure = None;
+                    SagaStatus::Running
+                }
+            };
+            None
+        }
+        SagaStatus::Running | SagaStatus::Compensating => match state.waiting {
+            Waiting::Reply { .. } => Some(finished(state, &step.name, AttemptOutcome::Abandoned)),
+            _ => None,
+        },
+    };
+    let attempt = state.attempt + 1;
+    let mut transition = send(definition, next, state.step_index, state.kind, attempt, finished, clock)?;
+    transition.next.first_attempt = attempt;
+    Ok(transition)
+}
+
+/// An operator's abort of a running saga: the current step may have acted, so it is compensated
+/// with every step before it, in reverse order. Refused once a step without compensation (the
+/// pivot) is done: such a saga can only go forward.
+fn abort(
+    definition: &SagaDefinition,
+    state: &SagaState,
+    reason: &str,
+    clock: Clock,
+) -> Result<Transition, TransitionError> {
+    let refuse = |why: String| TransitionError::NotAllowed { action: "abort", status: state.status, why };
+    match state.status {
+        SagaStatus::Running => {}
+        SagaStatus::Compensating => return Err(refuse("it is already compensating".to_owned())),
+        SagaStatus::NeedsAttention => {
+            return Err(refuse("a compensation needs a human; fix its cause and retry".to_owned()))
+        }
+        SagaStatus::Completed | SagaStatus::Failed => return Err(refuse("it has ended".to_owned())),
+    }
+    let step = definition.step(state.step_index).ok_or(TransitionError::UnknownStep(state.step_index))?;
+    let undo_from = state.step_index + 1;
+    if let Some(blocker) = definition.steps[..undo_from].iter().find(|s| s.compensation.is_none()) {
+        return Err(refuse(format!(
+            "step {} has no compensation, so the saga is past its pivot and can only go forward",
+            blocker.name
+        )));
+    }
+    let finished = match state.waiting {
+        Waiting::Reply { .. } => Some(finished(state, &step.name, AttemptOutcome::Abandoned)),
+        _ => None,
+    };
+    let mut next = state.clone();
+    next.failure =
+        Some(FailureInfo { step: step.name.clone(), code: codes::ABORTED.to_owned(), message: reason.to_owned() });
+    compensate_below(definition, next, undo_from, finished, clock)
 }
 
 fn finished(state: &SagaState, step: &StepName, outcome: AttemptOutcome) -> FinishedAttempt {
@@ -251,12 +346,16 @@ fn on_failure(
     };
     let (code, message) = match &finished.outcome {
         AttemptOutcome::Failed(error) => (error.code.clone(), error.message.clone()),
-        _ => (codes::STEP_TIMEOUT.to_owned(), format!("no reply within {} ms", timeout_ms(definition, state))),
+        AttemptOutcome::TimedOut | AttemptOutcome::Succeeded { .. } | AttemptOutcome::Abandoned => {
+            (codes::STEP_TIMEOUT.to_owned(), format!("no reply within {} ms", timeout_ms(definition, state)))
+        }
     };
     // Compensations must finish, so every compensation failure is retried while the policy allows.
-    let retry = (retryable || state.kind == StepKind::Compensation) && policy.allows_another(state.attempt);
+    // Attempts count from the start of the current retry budget (an operator's retry renews it).
+    let used = state.attempt.saturating_sub(state.first_attempt) + 1;
+    let retry = (retryable || state.kind == StepKind::Compensation) && policy.allows_another(used);
     if retry {
-        let delay = policy.backoff(state.attempt, clock.random);
+        let delay = policy.backoff(used, clock.random);
         let mut next = state.clone();
         next.waiting = Waiting::Retry { at: clock.now + to_chrono(delay) };
         return Ok(Transition { next, finished: Some(finished), commands: vec![] });
@@ -342,6 +441,9 @@ fn send(
         }
     };
     let deadline = clock.now + ChronoDuration::milliseconds(timeout_ms as i64);
+    if attempt == 1 {
+        state.first_attempt = 1;
+    }
     state.step_index = step_index;
     state.kind = kind;
     state.attempt = attempt;

@@ -16,6 +16,37 @@ use uuid::Uuid;
 
 pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
 
+/// The orchestrator's API tokens in tests: `admin` (what [`System::http`] sends) and `reader`.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const READ_TOKEN: &str = "test-read-token-0123456789";
+
+/// How to start a [`System`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Services not started (to simulate a participant that never answers).
+    pub skip: Vec<&'static str>,
+    /// Extra environment for one service: (service, name, value).
+    pub env: Vec<(&'static str, String, String)>,
+}
+
+impl Options {
+    pub fn skip(mut self, service: &'static str) -> Self {
+        self.skip.push(service);
+        self
+    }
+
+    pub fn env(mut self, service: &'static str, name: &str, value: impl Into<String>) -> Self {
+        self.env.push((service, name.to_owned(), value.into()));
+        self
+    }
+
+    /// Loads extra saga definitions into the orchestrator from `tests/definitions/`.
+    pub fn test_definitions(self) -> Self {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("definitions");
+        self.env("orchestrator", "SAGA_DEFINITIONS_DIR", dir.display().to_string())
+    }
+}
+
 fn postgres_base() -> String {
     std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
@@ -53,8 +84,10 @@ struct Process {
 pub struct System {
     pub run_id: String,
     processes: BTreeMap<&'static str, Process>,
+    /// Sends the admin token to every service.
     pub http: reqwest::Client,
     log_dir: PathBuf,
+    env: Vec<(&'static str, String, String)>,
 }
 
 impl System {
@@ -64,11 +97,19 @@ impl System {
     }
 
     /// Starts every service except `skip` (to simulate a participant that never answers).
-    pub async fn start_without(skip: &[&str]) -> anyhow::Result<Self> {
+    pub async fn start_without(skip: &[&'static str]) -> anyhow::Result<Self> {
+        Self::start_with(Options { skip: skip.to_vec(), ..Options::default() }).await
+    }
+
+    pub async fn start_with(options: Options) -> anyhow::Result<Self> {
+        let skip = options.skip;
         let run_id = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
         let log_dir = bin_dir().join("e2e-logs").join(&run_id);
         std::fs::create_dir_all(&log_dir)?;
-        let mut system = System { run_id, processes: BTreeMap::new(), http: reqwest::Client::new(), log_dir };
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}").parse()?);
+        let http = reqwest::Client::builder().default_headers(headers).build()?;
+        let mut system = System { run_id, processes: BTreeMap::new(), http, log_dir, env: options.env };
         for service in SERVICES {
             system
                 .processes
@@ -116,6 +157,8 @@ impl System {
             .env("METRICS_ADDR", format!("127.0.0.1:{}", process.metrics_port))
             .env("LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
+            .env("API_TOKENS", format!("admin:admin:{ADMIN_TOKEN},reader:read:{READ_TOKEN}"))
+            .envs(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
@@ -136,6 +179,25 @@ impl System {
             child.wait().await?;
         }
         Ok(())
+    }
+
+    /// Runs `sagactl` against this system's orchestrator with `token`; (exit code, stdout, stderr).
+    pub async fn sagactl(&self, token: Option<&str>, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let mut command = Command::new(bin_dir().join("sagactl"));
+        command.env("SAGA_API_URL", self.url("orchestrator", "")).env_remove("SAGA_API_TOKEN").args(args);
+        if let Some(token) = token {
+            command.env("SAGA_API_TOKEN", token);
+        }
+        let output = command.output().await.context("running sagactl (build it: cargo build --workspace --bins)")?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    pub fn metrics_url(&self, service: &str) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.processes[service].metrics_port)
     }
 
     pub fn url(&self, service: &str, path: &str) -> String {
@@ -229,6 +291,49 @@ impl System {
         }
     }
 
+    /// GET on the orchestrator's API with the admin token: (status, body).
+    pub async fn api_get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self.http.get(self.url("orchestrator", path)).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// POST on the orchestrator's API with the admin token and an optional Idempotency-Key.
+    pub async fn api_post(&self, path: &str, body: &Value, key: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.http.post(self.url("orchestrator", path)).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Starts a saga through the API; returns its id.
+    pub async fn start_saga(&self, saga_type: &str, input: &Value, key: &str) -> anyhow::Result<String> {
+        let body = json!({"saga_type": saga_type, "input": input, "business_key": key});
+        let (status, saga) = self.api_post("/api/v1/sagas", &body, Some(key)).await?;
+        if status != 201 {
+            bail!("starting a {saga_type} saga: {status} {saga}");
+        }
+        Ok(saga["id"].as_str().context("saga id")?.to_owned())
+    }
+
+    /// Waits until a saga has `status`, and returns it.
+    pub async fn wait_status(&self, saga_id: &str, status: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        loop {
+            let saga = self.saga(saga_id).await?;
+            if saga["status"] == status {
+                return Ok(saga);
+            }
+            if started.elapsed() > timeout {
+                bail!("saga {saga_id} is {} and not {status} after {timeout:?}: {saga:#}", saga["status"]);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn order(&self, id: &str) -> anyhow::Result<Value> {
         Ok(self.http.get(self.url("order", &format!("/api/v1/orders/{id}"))).send().await?.json().await?)
     }
@@ -245,6 +350,17 @@ impl System {
         }
         Ok(())
     }
+}
+
+/// The input of the test sagas in `tests/definitions/` (reserve stock, then charge).
+pub fn charge_input(sku: &str, quantity: i64, token: &str) -> Value {
+    json!({
+        "order_id": Uuid::new_v4(),
+        "items": [{"sku": sku, "quantity": quantity}],
+        "total_cents": 1250 * quantity,
+        "currency": "USD",
+        "payment_token": token,
+    })
 }
 
 /// An order body for tests.

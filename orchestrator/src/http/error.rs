@@ -10,6 +10,9 @@ pub(crate) enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The saga's state does not allow the action.
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     IdempotencyKeyReused(String),
     #[error("request body larger than {limit} bytes")]
@@ -29,6 +32,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "saga-state-conflict"),
             ApiError::IdempotencyKeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -48,4 +52,16 @@ impl IntoResponse for ApiError {
         };
         saga_runtime::health::problem(status, kind, detail)
     }
+}
+
+/// The RFC 9457 body every error of this API has, for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct Problem {
+    /// A stable URI per kind of error, e.g. https://saga-orchestrator.dev/problems/invalid-request.
+    r#type: String,
+    title: String,
+    status: u16,
+    /// What is wrong and, for bad input, what is allowed.
+    detail: String,
 }

@@ -1,6 +1,12 @@
-//! The HTTP API: `fn router(state)` so tests can call it with `oneshot`.
+//! The HTTP API: `fn router(state)` so tests can call it with `oneshot`. Routes are registered
+//! through utoipa's router, so the OpenAPI document at `/api/v1/openapi.json` lists exactly the
+//! routes that exist.
 
+pub(crate) mod auth;
+mod definitions;
 mod error;
+mod operations;
+mod params;
 mod sagas;
 
 use std::sync::Arc;
@@ -9,9 +15,15 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use metrics::{counter, histogram};
 use sqlx::PgPool;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi as OpenApiDoc;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub(crate) use error::ApiError;
 
@@ -29,12 +41,82 @@ pub(crate) struct AppState {
 /// Largest request body accepted; larger ones get 413.
 pub(crate) const BODY_LIMIT: usize = 256 * 1024;
 
-pub(crate) fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(sagas::router())
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "saga-orchestrator",
+        description = "Start, query and operate sagas. Every route needs `Authorization: Bearer <token>`: \
+            `read` for GET, `admin` for everything else. Errors are application/problem+json (RFC 9457)."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sagas", description = "Start, list, inspect and count sagas"),
+        (name = "operations", description = "Retry and abort sagas, with an audit log"),
+        (name = "definitions", description = "The loaded saga definitions"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The API routes and their OpenAPI document.
+fn api() -> (Router<AppState>, OpenApiDoc) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(sagas::list, sagas::start))
+        .routes(routes!(sagas::stats))
+        .routes(routes!(sagas::show))
+        .routes(routes!(operations::retry))
+        .routes(routes!(operations::abort))
+        .routes(routes!(operations::bulk_retry))
+        .routes(routes!(operations::audit))
+        .routes(routes!(definitions::list))
+        .routes(routes!(definitions::show))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of the API.
+pub(crate) fn openapi() -> OpenApiDoc {
+    let (_, mut doc) = api();
+    doc.paths.paths.insert(
+        "/api/v1/openapi.json".to_owned(),
+        utoipa::openapi::path::PathItem::new(
+            utoipa::openapi::HttpMethod::Get,
+            utoipa::openapi::path::OperationBuilder::new()
+                .summary(Some("This document"))
+                .tag("definitions")
+                .response("200", utoipa::openapi::Response::new("The OpenAPI 3.1 document")),
+        ),
+    );
+    doc
+}
+
+pub(crate) fn router(state: AppState, auth: auth::Auth) -> Router {
+    let (routes, _) = api();
+    let doc = Arc::new(openapi());
+    let routes = routes.route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }));
+    routes
         .with_state(state)
+        .layer(middleware::from_fn_with_state(auth, auth::require))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(track))
+}
+
+/// Outermost layers for every route of the process (API and health): error bodies as
+/// problem+json, and unknown routes as 404 problems.
+pub(crate) fn finish(router: Router) -> Router {
+    router
+        .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
+        .layer(middleware::map_response(saga_runtime::health::problem_responses))
 }
 
 /// Counts and times requests by method, route template and status (never the raw path).

@@ -1,44 +1,48 @@
-//! `/api/v1/sagas`: start, list and inspect sagas.
-
-use std::collections::HashMap;
+//! `/api/v1/sagas`: start, list, inspect and count sagas.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use saga_defs::contract::SCHEMA_VERSION;
 use saga_defs::{SagaId, SagaStatus, SagaType, StartSagaRequest};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::error::Problem;
+use super::params::{self, FilterSpec, DEFAULT_LIMIT, FILTER_PARAMS};
 use super::{ApiError, AppState, BODY_LIMIT};
 use crate::engine::{Effects, StartError, Started};
-use crate::store::{self, ListFilter, SagaRow};
+use crate::store::{self, Position, SagaRow};
 
-pub(super) fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/sagas", get(list).post(start)).route("/api/v1/sagas/{id}", get(show))
-}
-
-pub(crate) const DEFAULT_LIMIT: i64 = 20;
-pub(crate) const MAX_LIMIT: i64 = 500;
 const MAX_KEY_LEN: usize = 255;
 
-#[derive(Debug, Deserialize)]
+/// A saga to start.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StartBody {
+pub(crate) struct StartBody {
+    /// A loaded saga type, e.g. order-fulfilment.
     saga_type: String,
+    /// The saga's input: a JSON object handed to every step.
+    #[schema(value_type = Object)]
     input: Value,
+    /// What the saga is about, for searching: for orders, the order id.
     #[serde(default)]
     business_key: Option<String>,
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers
-        .get("idempotency-key")
-        .ok_or_else(|| ApiError::BadRequest("the Idempotency-Key header is required".into()))?;
+pub(crate) fn idempotency_key(headers: &HeaderMap, required: bool) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return if required {
+            Err(ApiError::BadRequest("the Idempotency-Key header is required".into()))
+        } else {
+            Ok(None)
+        };
+    };
     let key = value
         .to_str()
         .map_err(|_| ApiError::BadRequest("the Idempotency-Key header must be visible ASCII".into()))?
@@ -49,15 +53,33 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
             "the Idempotency-Key header must have 1 to {MAX_KEY_LEN} characters"
         )));
     }
-    Ok(key.to_owned())
+    Ok(Some(key.to_owned()))
 }
 
-/// `POST /api/v1/sagas`: starts a saga; the same `Idempotency-Key` again returns the same saga.
-async fn start(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+/// Start a saga. The same `Idempotency-Key` with the same body returns the saga started first
+/// (200); with a different body, 422.
+#[utoipa::path(
+    post, path = "/api/v1/sagas", tag = "sagas",
+    request_body = StartBody,
+    params(("Idempotency-Key" = String, Header, description = "Required: one saga per key and saga type")),
+    responses(
+        (status = 201, description = "Started", body = SagaSummary),
+        (status = 200, description = "Started earlier with this key", body = SagaSummary),
+        (status = 400, description = "Bad input", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Key used for another request", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["admin"]))
+)]
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     if body.len() > BODY_LIMIT {
         return Err(ApiError::TooLarge { limit: BODY_LIMIT });
     }
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers, true)?.expect("required");
     let body: StartBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("the body must be {{\"saga_type\", \"input\", \"business_key\"?}}: {e}"))
     })?;
@@ -86,65 +108,263 @@ async fn start(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
     let mut conn = state.pool.acquire().await?;
     let row = store::get(&mut conn, id).await?.ok_or_else(|| ApiError::NotFound(format!("saga {id}")))?;
     let location = format!("/api/v1/sagas/{id}");
-    Ok((status, [(header::LOCATION, location)], Json(summary(&row))).into_response())
+    Ok((status, [(header::LOCATION, location)], Json(SagaSummary::from(&row))).into_response())
 }
 
-/// `GET /api/v1/sagas/{id}`: the saga with its steps, attempts and history.
-async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a saga id (a UUID)")))?;
+pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a saga id (a UUID)")))
+}
+
+/// The step a saga is at.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StepRef {
+    index: i32,
+    name: String,
+    /// ACTION or COMPENSATION.
+    kind: String,
+    attempt: i32,
+}
+
+/// What a saga not yet finished waits for.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CurrentStep {
+    #[serde(flatten)]
+    step: StepRef,
+    /// REPLY (until the deadline) or RETRY (the backoff ends at `until`).
+    waiting_for: String,
+    until: Option<DateTime<Utc>>,
+}
+
+/// A failure or the reason a saga needs a human.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FailureView {
+    step: Option<String>,
+    code: String,
+    reason: Option<String>,
+}
+
+/// A saga as shown in lists.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SagaSummary {
+    id: Uuid,
+    saga_type: String,
+    definition_version: i32,
+    business_key: Option<String>,
+    /// RUNNING, COMPENSATING, COMPLETED, FAILED or NEEDS_ATTENTION.
+    status: String,
+    /// Null once the saga has ended.
+    current_step: Option<CurrentStep>,
+    /// The step the saga was at last.
+    last_step: StepRef,
+    /// The forward failure that made the saga compensate.
+    failure: Option<FailureView>,
+    /// Why the saga needs a human.
+    attention: Option<FailureView>,
+    /// Rises by one per transition.
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    ended_at: Option<DateTime<Utc>>,
+}
+
+impl From<&SagaRow> for SagaSummary {
+    fn from(row: &SagaRow) -> Self {
+        let terminal = row.status().map(|s| s.is_terminal()).unwrap_or(false);
+        let step = || StepRef {
+            index: row.step_index,
+            name: row.step_name.clone(),
+            kind: row.step_kind.clone(),
+            attempt: row.attempt,
+        };
+        let failure = |step: &Option<String>, code: &Option<String>, reason: &Option<String>| {
+            code.as_ref().map(|code| FailureView { step: step.clone(), code: code.clone(), reason: reason.clone() })
+        };
+        SagaSummary {
+            id: row.id,
+            saga_type: row.saga_type.clone(),
+            definition_version: row.definition_version,
+            business_key: row.business_key.clone(),
+            status: row.status.clone(),
+            current_step: (!terminal).then(|| CurrentStep {
+                step: step(),
+                waiting_for: row.waiting.clone(),
+                until: row.wake_at,
+            }),
+            last_step: step(),
+            failure: failure(&row.failure_step, &row.failure_code, &row.failure_reason),
+            attention: failure(&row.attention_step, &row.attention_code, &row.attention_reason),
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            ended_at: row.ended_at,
+        }
+    }
+}
+
+/// One attempt at a step's action or compensation.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AttemptView {
+    step: String,
+    kind: String,
+    attempt: i32,
+    /// PENDING, SUCCEEDED, FAILED, TIMED_OUT or ABANDONED.
+    status: String,
+    #[schema(value_type = Option<Object>)]
+    output: Option<Value>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    started_at: DateTime<Utc>,
+    deadline_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// One step of the saga's definition with what happened to it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StepView {
+    index: usize,
+    name: String,
+    participant: String,
+    action: String,
+    compensation: Option<String>,
+    /// NOT_STARTED, RUNNING, SUCCEEDED, FAILED, TIMED_OUT, COMPENSATING, COMPENSATED or
+    /// COMPENSATION_FAILED.
+    status: &'static str,
+    attempts: Vec<AttemptView>,
+}
+
+/// A compensation that ran: what was undone.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CompensationView {
+    step: String,
+    action: String,
+    /// SUCCEEDED (undone), PENDING, FAILED or TIMED_OUT (not undone yet).
+    status: String,
+    attempts: i32,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// One transition in the saga's append-only history.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct HistoryView {
+    version: i64,
+    from_status: Option<String>,
+    to_status: String,
+    /// STARTED, REPLY, TIMER, RETRY or ABORT.
+    trigger: String,
+    summary: String,
+    #[schema(value_type = Object)]
+    detail: Value,
+    recorded_at: DateTime<Utc>,
+}
+
+/// The whole saga.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SagaDetail {
+    #[serde(flatten)]
+    summary: SagaSummary,
+    /// The input, with sensitive fields shown as "[redacted]".
+    #[schema(value_type = Object)]
+    input: Value,
+    /// Outputs of the completed steps, by step name.
+    #[schema(value_type = Object)]
+    outputs: Value,
+    steps: Vec<StepView>,
+    /// The compensations that ran, in the order they ran.
+    compensations: Vec<CompensationView>,
+    history: Vec<HistoryView>,
+}
+
+/// Get one saga: input (redacted), status, every step with its attempts, the compensations and
+/// the history of transitions.
+#[utoipa::path(
+    get, path = "/api/v1/sagas/{id}", tag = "sagas",
+    params(("id" = String, Path, description = "The saga id (a UUID)")),
+    responses(
+        (status = 200, body = SagaDetail),
+        (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such saga", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["read"]))
+)]
+pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<SagaDetail>, ApiError> {
+    let id = parse_id(&id)?;
     let mut conn = state.pool.acquire().await?;
     let row = store::get(&mut conn, id).await?.ok_or_else(|| ApiError::NotFound(format!("no saga {id}")))?;
     let attempts = store::attempts(&mut conn, id).await?;
     let history = store::history(&mut conn, id).await?;
     let definition = state.engine.registry().get(&row.saga_type, row.definition_version as u32);
 
-    let steps: Vec<Value> = match definition {
-        Some(definition) => definition
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(index, step)| {
-                let mine: Vec<Value> = attempts
-                    .iter()
-                    .filter(|a| a.step_index as usize == index)
-                    .map(|a| {
-                        json!({
-                            "step": a.step_name, "kind": a.kind, "attempt": a.attempt, "status": a.status,
-                            "output": a.output,
-                            "error_code": a.error_code, "error_message": a.error_message,
-                            "started_at": a.started_at, "deadline_at": a.deadline_at, "finished_at": a.finished_at,
-                        })
-                    })
-                    .collect();
-                json!({
-                    "index": index,
-                    "name": step.name,
-                    "participant": step.participant,
-                    "action": step.action,
-                    "compensation": step.compensation.as_ref().map(|c| c.action.clone()),
-                    "status": step_status(&attempts, index),
-                    "attempts": mine,
-                })
-            })
-            .collect(),
-        None => vec![],
+    let view = |a: &store::AttemptRow| AttemptView {
+        step: a.step_name.clone(),
+        kind: a.kind.clone(),
+        attempt: a.attempt,
+        status: a.status.clone(),
+        output: a.output.clone(),
+        error_code: a.error_code.clone(),
+        error_message: a.error_message.clone(),
+        started_at: a.started_at,
+        deadline_at: a.deadline_at,
+        finished_at: a.finished_at,
     };
-    let history: Vec<Value> = history
+    let steps = definition
+        .map(|definition| {
+            definition
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(index, step)| StepView {
+                    index,
+                    name: step.name.to_string(),
+                    participant: step.participant.clone(),
+                    action: step.action.clone(),
+                    compensation: step.compensation.as_ref().map(|c| c.action.clone()),
+                    status: step_status(&attempts, index),
+                    attempts: attempts.iter().filter(|a| a.step_index as usize == index).map(view).collect(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut compensations: Vec<CompensationView> = Vec::new();
+    for attempt in attempts.iter().filter(|a| a.kind == "COMPENSATION") {
+        match compensations.iter_mut().find(|c| c.step == attempt.step_name) {
+            Some(c) => {
+                c.status = attempt.status.clone();
+                c.attempts += 1;
+                c.finished_at = attempt.finished_at;
+            }
+            None => compensations.push(CompensationView {
+                step: attempt.step_name.clone(),
+                action: definition
+                    .and_then(|d| d.steps.get(attempt.step_index as usize))
+                    .and_then(|s| s.compensation.as_ref())
+                    .map(|c| c.action.clone())
+                    .unwrap_or_default(),
+                status: attempt.status.clone(),
+                attempts: 1,
+                finished_at: attempt.finished_at,
+            }),
+        }
+    }
+    let history = history
         .into_iter()
-        .map(|h| {
-            json!({
-                "version": h.version, "from_status": h.from_status, "to_status": h.to_status,
-                "trigger": h.trigger, "summary": h.summary, "detail": h.detail, "recorded_at": h.recorded_at,
-            })
+        .map(|h| HistoryView {
+            version: h.version,
+            from_status: h.from_status,
+            to_status: h.to_status,
+            trigger: h.trigger,
+            summary: h.summary,
+            detail: h.detail,
+            recorded_at: h.recorded_at,
         })
         .collect();
-    let mut body = summary(&row);
-    let object = body.as_object_mut().expect("summary is an object");
-    object.insert("input".into(), redact(&row.input, &state.redact));
-    object.insert("outputs".into(), row.outputs.clone());
-    object.insert("steps".into(), Value::Array(steps));
-    object.insert("history".into(), Value::Array(history));
-    Ok(Json(body))
+    Ok(Json(SagaDetail {
+        summary: SagaSummary::from(&row),
+        input: redact(&row.input, &state.redact),
+        outputs: row.outputs.clone(),
+        steps,
+        compensations,
+        history,
+    }))
 }
 
 /// A step's status from its attempts: the latest action outcome, then COMPENSATED when undone.
@@ -164,68 +384,168 @@ fn step_status(attempts: &[store::AttemptRow], index: usize) -> &'static str {
     }
 }
 
-const LIST_PARAMS: &str = "status, saga_type, business_key, limit";
+/// Paging of the saga list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct PageParams {
+    /// Sagas per page, 1 to 500 (default 20).
+    limit: Option<i64>,
+    /// The `next` value of the previous page.
+    cursor: Option<String>,
+}
 
-/// `GET /api/v1/sagas?status=FAILED&limit=10`: sagas newest first.
-async fn list(
+/// A page of sagas, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SagaPage {
+    items: Vec<SagaSummary>,
+    count: usize,
+    limit: i64,
+    /// Pass as `cursor` (with the same filters) for the next page; null on the last page.
+    next: Option<String>,
+}
+
+/// List sagas, newest first, with filters and keyset pagination.
+#[utoipa::path(
+    get, path = "/api/v1/sagas", tag = "sagas",
+    params(FilterSpec, PageParams),
+    responses(
+        (status = 200, body = SagaPage),
+        (status = 400, description = "Bad filter, limit or cursor", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["read"]))
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let mut filter = ListFilter { limit: DEFAULT_LIMIT, ..ListFilter::default() };
-    for (name, value) in &params {
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<SagaPage>, ApiError> {
+    let mut spec = FilterSpec::default();
+    let (mut limit, mut after) = (DEFAULT_LIMIT, None);
+    for (name, value) in &pairs {
         match name.as_str() {
-            "status" => {
-                for status in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let status: SagaStatus = status
-                        .to_ascii_uppercase()
-                        .parse()
-                        .map_err(|e: saga_defs::status::UnknownStatus| ApiError::BadRequest(e.to_string()))?;
-                    filter.statuses.push(status.as_str().to_owned());
-                }
-            }
-            "saga_type" => filter.saga_type = Some(value.clone()),
-            "business_key" => filter.business_key = Some(value.clone()),
-            "limit" => {
-                filter.limit = value.parse::<i64>().ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or_else(|| {
-                    ApiError::BadRequest(format!("limit must be a whole number from 1 to {MAX_LIMIT}, not {value:?}"))
-                })?;
-            }
+            "limit" => limit = params::parse_limit(value)?,
+            "cursor" => after = Some(params::decode_cursor(value)?),
             other => {
-                return Err(ApiError::BadRequest(format!("unknown query parameter {other:?}; allowed: {LIST_PARAMS}")));
+                if !spec.set(other, value)? {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown query parameter {other:?}; allowed: {FILTER_PARAMS}, limit, cursor"
+                    )));
+                }
             }
         }
     }
+    let filter = spec.to_filter(Utc::now())?;
     let mut conn = state.pool.acquire().await?;
-    let rows = store::list(&mut conn, &filter).await?;
-    let items: Vec<Value> = rows.iter().map(summary).collect();
-    Ok(Json(json!({"items": items, "count": items.len(), "limit": filter.limit})))
+    // One row more than asked tells whether there is a next page.
+    let mut rows = store::list(&mut conn, &filter, after, limit + 1).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = match (more, rows.last()) {
+        (true, Some(last)) => Some(params::encode_cursor(Position { created_at: last.created_at, id: last.id })),
+        _ => None,
+    };
+    let items: Vec<SagaSummary> = rows.iter().map(SagaSummary::from).collect();
+    Ok(Json(SagaPage { count: items.len(), items, limit, next }))
 }
 
-/// The fields of a saga shown in lists.
-fn summary(row: &SagaRow) -> Value {
-    let terminal = row.status().map(|s| s.is_terminal()).unwrap_or(false);
-    json!({
-        "id": row.id,
-        "saga_type": row.saga_type,
-        "definition_version": row.definition_version,
-        "business_key": row.business_key,
-        "status": row.status,
-        "current_step": if terminal { Value::Null } else { json!({
-            "index": row.step_index, "name": row.step_name, "kind": row.step_kind, "attempt": row.attempt,
-            "waiting_for": row.waiting, "until": row.wake_at,
-        })},
-        "last_step": {"index": row.step_index, "name": row.step_name, "kind": row.step_kind, "attempt": row.attempt},
-        "failure": row.failure_code.as_ref().map(|code| json!({
-            "step": row.failure_step, "code": code, "reason": row.failure_reason,
-        })),
-        "attention": row.attention_code.as_ref().map(|code| json!({
-            "step": row.attention_step, "code": code, "reason": row.attention_reason,
-        })),
-        "version": row.version,
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-        "ended_at": row.ended_at,
-    })
+/// The window of the stats.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct StatsParams {
+    /// A duration back from now, e.g. 15m, 1h (the default), 7d. Not with `from`.
+    window: Option<String>,
+    /// Start of the window (RFC 3339). Not with `window`.
+    from: Option<String>,
+    /// End of the window (RFC 3339); default now.
+    to: Option<String>,
+    /// Only this saga type.
+    saga_type: Option<String>,
+}
+
+/// A count by a key.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Count {
+    key: String,
+    count: i64,
+}
+
+/// Percentiles of completed sagas' durations, in seconds.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Percentiles {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+}
+
+/// Counts over the sagas created in the window.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SagaStats {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    saga_type: Option<String>,
+    total: i64,
+    /// Every status, with 0 where none.
+    #[schema(value_type = Object)]
+    by_status: serde_json::Map<String, Value>,
+    /// COMPLETED / (COMPLETED + FAILED + NEEDS_ATTENTION); null before any saga ended.
+    success_rate: Option<f64>,
+    /// Forward failures by the step that failed.
+    failures_by_step: Vec<Count>,
+    /// Forward failures by error code.
+    failures_by_code: Vec<Count>,
+    /// Sagas needing a human, by the step whose compensation (or pivot) stopped them.
+    attention_by_step: Vec<Count>,
+    completed_duration_seconds: Option<Percentiles>,
+}
+
+/// Saga counts, success rate, failures by step and code, and durations over a window.
+#[utoipa::path(
+    get, path = "/api/v1/sagas/stats", tag = "sagas",
+    params(StatsParams),
+    responses(
+        (status = 200, body = SagaStats),
+        (status = 400, description = "Bad window", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["read"]))
+)]
+pub(crate) async fn stats(
+    State(state): State<AppState>,
+    query: Result<Query<StatsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SagaStats>, ApiError> {
+    let Query(p) = query.map_err(|e| {
+        ApiError::BadRequest(format!("{}; allowed parameters: window, from, to, saga_type", e.body_text()))
+    })?;
+    let now = Utc::now();
+    let to = p.to.as_deref().map(|t| params::parse_time("to", t)).transpose()?.unwrap_or(now);
+    let from = match (&p.window, &p.from) {
+        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give window or from, not both".into())),
+        (Some(window), None) => to - params::parse_duration("window", window)?,
+        (None, Some(from)) => params::parse_time("from", from)?,
+        (None, None) => to - ChronoDuration::hours(1),
+    };
+    if from >= to {
+        return Err(ApiError::BadRequest("from must be earlier than to".into()));
+    }
+    let mut conn = state.pool.acquire().await?;
+    let stats = store::stats(&mut conn, from, to, p.saga_type.as_deref()).await?;
+    let count =
+        |status: SagaStatus| stats.by_status.iter().find(|(s, _)| s == status.as_str()).map(|(_, n)| *n).unwrap_or(0);
+    let ended = count(SagaStatus::Completed) + count(SagaStatus::Failed) + count(SagaStatus::NeedsAttention);
+    let counts =
+        |pairs: &[(String, i64)]| pairs.iter().map(|(key, count)| Count { key: key.clone(), count: *count }).collect();
+    Ok(Json(SagaStats {
+        from,
+        to,
+        saga_type: p.saga_type,
+        total: stats.by_status.iter().map(|(_, n)| n).sum(),
+        by_status: SagaStatus::ALL.iter().map(|s| (s.as_str().to_owned(), Value::from(count(*s)))).collect(),
+        success_rate: (ended > 0).then(|| count(SagaStatus::Completed) as f64 / ended as f64),
+        failures_by_step: counts(&stats.failures_by_step),
+        failures_by_code: counts(&stats.failures_by_code),
+        attention_by_step: counts(&stats.attention_by_step),
+        completed_duration_seconds: stats.completed_seconds.map(|[p50, p95, p99]| Percentiles { p50, p95, p99 }),
+    }))
 }
 
 /// Replaces the values of sensitive fields, at any depth.
@@ -250,6 +570,8 @@ pub(crate) fn redact(value: &Value, fields: &[String]) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

@@ -72,3 +72,46 @@ pub fn problem(status: axum::http::StatusCode, kind: &str, detail: String) -> ax
     });
     (status, [(axum::http::header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
 }
+
+/// Middleware (`axum::middleware::map_response(health::problem_responses)`): turns every error
+/// response that is not already `application/problem+json` (unknown route, wrong method, body
+/// too large, an extractor's rejection) into one, keeping its status and headers.
+pub async fn problem_responses(response: axum::response::Response) -> axum::response::Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => "invalid-request",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    };
+    let detail = match (status, text) {
+        (StatusCode::NOT_FOUND, _) => "no such resource; see /api/v1/openapi.json for the routes".to_owned(),
+        (StatusCode::METHOD_NOT_ALLOWED, _) => {
+            let allow = parts.headers.get(axum::http::header::ALLOW).and_then(|v| v.to_str().ok()).unwrap_or("");
+            format!("method not allowed here; allowed: {allow}")
+        }
+        (StatusCode::PAYLOAD_TOO_LARGE, _) => "the request body is larger than this server accepts".to_owned(),
+        (s, _) if s.is_server_error() => "the server could not handle the request; see its logs".to_owned(),
+        (_, Ok(text)) if !text.is_empty() => text,
+        (s, _) => s.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut problem = problem(status, kind, detail);
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            problem.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    problem
+}

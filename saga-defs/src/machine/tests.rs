@@ -28,7 +28,7 @@ fn clock() -> Clock {
 const STEPS: [&str; 5] = ["verify_order", "reserve_inventory", "charge_payment", "create_shipment", "approve_order"];
 
 fn state(status: SagaStatus, step_index: usize, kind: StepKind, attempt: u32, waiting: Waiting) -> SagaState {
-    SagaState { status, step_index, kind, attempt, waiting, failure: None, attention: None }
+    SagaState { status, step_index, kind, attempt, first_attempt: 1, waiting, failure: None, attention: None }
 }
 
 fn awaiting(status: SagaStatus, step_index: usize, kind: StepKind, attempt: u32) -> SagaState {
@@ -112,6 +112,7 @@ fn outcome_label(outcome: &AttemptOutcome) -> &'static str {
         AttemptOutcome::Succeeded { .. } => "succeeded",
         AttemptOutcome::Failed(_) => "failed",
         AttemptOutcome::TimedOut => "timed_out",
+        AttemptOutcome::Abandoned => "abandoned",
     }
 }
 
@@ -412,4 +413,107 @@ fn jitter_shortens_the_backoff_by_the_random_fraction() {
     .unwrap();
     // 200 ms, less 20 % jitter times 0.5.
     assert_eq!(t.next.waiting, Waiting::Retry { at: at_ms(180) });
+}
+
+fn attention_on_compensation() -> SagaState {
+    let mut s = state(ATTN, 1, C, 10, Waiting::Nothing);
+    s.failure = Some(FailureInfo {
+        step: StepName::parse("charge_payment").unwrap(),
+        code: "PAYMENT_DECLINED".into(),
+        message: "m".into(),
+    });
+    s.attention = Some(FailureInfo {
+        step: StepName::parse("reserve_inventory").unwrap(),
+        code: "STEP_TIMEOUT".into(),
+        message: "m".into(),
+    });
+    s
+}
+
+#[test]
+fn an_operator_retry_redrives_the_failed_compensation_with_a_fresh_budget() {
+    let t = apply(&def(), &attention_on_compensation(), &SagaEvent::Retry, clock()).unwrap();
+    assert_eq!(t.next.status, COMP);
+    assert_eq!((t.next.step_index, t.next.kind, t.next.attempt, t.next.first_attempt), (1, C, 11, 11));
+    assert_eq!(t.next.waiting, reply_wait());
+    assert!(t.next.attention.is_none(), "the attention is cleared");
+    assert_eq!(t.next.failure.as_ref().unwrap().code, "PAYMENT_DECLINED", "the forward failure is kept");
+    assert_eq!(t.commands.len(), 1);
+    assert_eq!((t.commands[0].action.as_str(), t.commands[0].attempt), ("release_inventory", 11));
+    assert!(t.finished.is_none(), "no attempt was pending");
+
+    // The renewed budget: attempt 11 failing is retried (10 more attempts allowed), not parked.
+    let failure = failed(1, C, 11, "INVENTORY_DOWN", true);
+    let after = apply(&def(), &t.next, &failure, clock()).unwrap();
+    assert_eq!(after.next.status, COMP);
+    assert!(matches!(after.next.waiting, Waiting::Retry { .. }));
+    // And the 10th attempt of the new budget parks it again.
+    let mut last = t.next.clone();
+    last.attempt = 20;
+    let parked = apply(&def(), &last, &failed(1, C, 20, "INVENTORY_DOWN", true), clock()).unwrap();
+    assert_eq!(parked.next.status, ATTN);
+}
+
+#[test]
+fn an_operator_retry_of_a_stuck_step_abandons_the_pending_attempt_and_sends_the_next() {
+    let t = apply(&def(), &awaiting(RUN, 2, A, 1), &SagaEvent::Retry, clock()).unwrap();
+    assert_eq!((t.next.status, t.next.step_index, t.next.kind, t.next.attempt), (RUN, 2, A, 2));
+    assert_eq!(t.finished.as_ref().map(|f| (&f.outcome, f.attempt)), Some((&AttemptOutcome::Abandoned, 1)));
+    assert_eq!((t.commands[0].action.as_str(), t.commands[0].attempt), ("charge_payment", 2));
+    // A late reply to the abandoned attempt is stale.
+    assert_eq!(apply(&def(), &t.next, &ok(2, A, 1), clock()).unwrap_err().label(), "unexpected_reply");
+
+    // During a backoff, nothing is pending: the next attempt goes out now.
+    let backing_off = state(COMP, 0, C, 3, Waiting::Retry { at: at_ms(5_000) });
+    let t = apply(&def(), &backing_off, &SagaEvent::Retry, clock()).unwrap();
+    assert!(t.finished.is_none());
+    assert_eq!((t.commands[0].action.as_str(), t.commands[0].attempt), ("reject_order", 4));
+}
+
+#[test]
+fn an_operator_retry_of_a_blocked_action_runs_it_again() {
+    let mut s = state(ATTN, 3, A, 1, Waiting::Nothing);
+    s.failure =
+        Some(FailureInfo { step: StepName::parse("create_shipment").unwrap(), code: "X".into(), message: "m".into() });
+    s.attention = s.failure.clone();
+    let t = apply(&def(), &s, &SagaEvent::Retry, clock()).unwrap();
+    assert_eq!((t.next.status, t.next.attempt), (RUN, 2));
+    assert!(t.next.failure.is_none() && t.next.attention.is_none());
+    assert_eq!(t.commands[0].action, "create_shipment");
+}
+
+#[test]
+fn an_operator_abort_compensates_the_current_step_and_everything_before_it() {
+    let reason = SagaEvent::Abort { reason: "customer called".into() };
+    let t = apply(&def(), &awaiting(RUN, 2, A, 1), &reason, clock()).unwrap();
+    assert_eq!(t.next.status, COMP);
+    assert_eq!((t.commands[0].action.as_str(), t.commands[0].attempt), ("refund_payment", 1));
+    let failure = t.next.failure.as_ref().unwrap();
+    assert_eq!(
+        (failure.step.as_str(), failure.code.as_str(), failure.message.as_str()),
+        ("charge_payment", "ABORTED", "customer called")
+    );
+    assert_eq!(t.finished.as_ref().map(|f| &f.outcome), Some(&AttemptOutcome::Abandoned));
+
+    // Aborting the first step rejects the order.
+    let t = apply(&def(), &awaiting(RUN, 0, A, 1), &reason, clock()).unwrap();
+    assert_eq!(t.commands[0].action, "reject_order");
+}
+
+#[test]
+fn operator_actions_the_state_does_not_allow_are_refused() {
+    let reason = || SagaEvent::Abort { reason: "r".into() };
+    let cases: Vec<(&str, SagaState, SagaEvent)> = vec![
+        ("retry a completed saga", state(DONE, 4, A, 1, Waiting::Nothing), SagaEvent::Retry),
+        ("retry a failed saga", state(FAILED, 0, C, 1, Waiting::Nothing), SagaEvent::Retry),
+        ("abort a completed saga", state(DONE, 4, A, 1, Waiting::Nothing), reason()),
+        ("abort a failed saga", state(FAILED, 0, C, 1, Waiting::Nothing), reason()),
+        ("abort a compensating saga", awaiting(COMP, 1, C, 1), reason()),
+        ("abort a saga that needs attention", attention_on_compensation(), reason()),
+        ("abort past the pivot", awaiting(RUN, 4, A, 1), reason()),
+    ];
+    for (name, before, event) in cases {
+        let err = apply(&def(), &before, &event, clock()).expect_err(name);
+        assert_eq!(err.label(), "not_allowed", "{name}: {err}");
+    }
 }

@@ -1,0 +1,516 @@
+//! `sagactl`: the on-call command line for the saga orchestrator's API. Tables for people,
+//! `--output json` for scripts, and exit codes scripts can trust (see `sagactl --help`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comfy_table::presets::UTF8_BORDERS_ONLY;
+use comfy_table::{ContentArrangement, Table};
+use serde_json::{json, Value};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  unexpected error (a response that could not be read)
+  2  bad command line
+  3  not found (no such saga or definition)
+  4  refused: the saga's state does not allow it (409), or the Idempotency-Key was used for another request (422)
+  5  not authenticated or not allowed (401, 403): check SAGA_API_TOKEN and its scope
+  6  bad input (400, 413)
+  7  the orchestrator could not be reached or failed (5xx)";
+
+#[derive(Debug, Parser)]
+#[command(name = "sagactl", version, about = "Query and operate sagas through the orchestrator's API", after_help = EXIT_CODES)]
+struct Cli {
+    /// Base URL of the orchestrator's API.
+    #[arg(long, env = "SAGA_API_URL", default_value = "http://localhost:8080", global = true)]
+    url: String,
+    /// Bearer token (scope read for queries, admin for retry and abort).
+    #[arg(long, env = "SAGA_API_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    /// Seconds to wait for the API.
+    #[arg(long, default_value_t = 30, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args, Default)]
+struct Filter {
+    /// Status (repeat or separate with commas): RUNNING, COMPENSATING, COMPLETED, FAILED, NEEDS_ATTENTION.
+    #[arg(long, value_delimiter = ',')]
+    status: Vec<String>,
+    /// Saga type, e.g. order-fulfilment.
+    #[arg(long)]
+    saga_type: Option<String>,
+    /// The step that failed (or whose compensation needs a human).
+    #[arg(long)]
+    failed_step: Option<String>,
+    /// Error code of the failure, e.g. PAYMENT_DECLINED.
+    #[arg(long)]
+    failure_code: Option<String>,
+    /// Business key (for orders, the order id).
+    #[arg(long)]
+    business_key: Option<String>,
+    /// Created at or after (RFC 3339).
+    #[arg(long)]
+    created_after: Option<String>,
+    /// Created before (RFC 3339).
+    #[arg(long)]
+    created_before: Option<String>,
+    /// Changed at or after (RFC 3339).
+    #[arg(long)]
+    updated_after: Option<String>,
+    /// Changed before (RFC 3339).
+    #[arg(long)]
+    updated_before: Option<String>,
+    /// Not finished and started longer ago than this (e.g. 15m, 2h).
+    #[arg(long)]
+    stuck_for: Option<String>,
+    /// Not finished and past its step deadline.
+    #[arg(long)]
+    past_deadline: bool,
+}
+
+impl Filter {
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs: Vec<(&'static str, String)> = Vec::new();
+        if !self.status.is_empty() {
+            pairs.push(("status", self.status.join(",")));
+        }
+        let optional = [
+            ("saga_type", &self.saga_type),
+            ("failed_step", &self.failed_step),
+            ("failure_code", &self.failure_code),
+            ("business_key", &self.business_key),
+            ("created_after", &self.created_after),
+            ("created_before", &self.created_before),
+            ("updated_after", &self.updated_after),
+            ("updated_before", &self.updated_before),
+            ("stuck_for", &self.stuck_for),
+        ];
+        pairs.extend(optional.into_iter().filter_map(|(name, value)| value.clone().map(|v| (name, v))));
+        if self.past_deadline {
+            pairs.push(("past_deadline", "true".to_owned()));
+        }
+        pairs
+    }
+
+    fn json(&self) -> Value {
+        let mut object = serde_json::Map::new();
+        for (name, value) in self.pairs() {
+            let value = match name {
+                "status" => json!(value.split(',').collect::<Vec<_>>()),
+                "past_deadline" => json!(true),
+                _ => json!(value),
+            };
+            object.insert(name.to_owned(), value);
+        }
+        Value::Object(object)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List sagas, newest first.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        /// Sagas per page (1 to 500).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Continue after a previous page (its `next` cursor).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show one saga: steps, attempts, compensations and history.
+    Show { id: String },
+    /// Counts, success rate, failures by step and code, and durations over a window.
+    Stats {
+        /// A duration back from now (e.g. 15m, 1h, 7d); default 1h.
+        #[arg(long, conflicts_with = "from")]
+        window: Option<String>,
+        /// Start of the window (RFC 3339).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the window (RFC 3339); default now.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        saga_type: Option<String>,
+    },
+    /// Re-drive a saga from where it stopped (NEEDS_ATTENTION or stuck).
+    Retry(Action),
+    /// Stop a running saga and compensate what it did.
+    Abort(Action),
+    /// Retry every saga matching a filter (NEEDS_ATTENTION unless --status says otherwise).
+    BulkRetry {
+        #[command(flatten)]
+        filter: Filter,
+        /// Most sagas to touch (1 to 500), oldest first.
+        #[arg(long)]
+        limit: u32,
+        /// Why (required unless --dry-run).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only show what would be retried.
+        #[arg(long)]
+        dry_run: bool,
+        /// Makes a repeated command do nothing twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// The audit log of a saga: who did what, when and why.
+    Audit { id: String },
+    /// The loaded saga definitions.
+    Definitions,
+}
+
+#[derive(Debug, Args)]
+struct Action {
+    /// The saga id.
+    id: String,
+    /// Why, for the audit log.
+    #[arg(long)]
+    reason: String,
+    /// Makes a repeated command do nothing twice (default: a new key per run).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn exit_code(status: u16) -> u8 {
+    match status {
+        404 => 3,
+        409 | 422 => 4,
+        401 | 403 => 5,
+        400 | 405 | 413 => 6,
+        500..=599 => 7,
+        _ => 1,
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, Failure> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.map_err(|e| Failure {
+            code: 7,
+            message: format!("cannot reach the orchestrator at {}: {e}", self.base),
+        })?;
+        let status = response.status().as_u16();
+        let text = response.text().await.map_err(|e| Failure { code: 1, message: e.to_string() })?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let detail = body["detail"].as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
+        Err(Failure { code: exit_code(status), message: format!("{status}: {detail}") })
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, Failure> {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query)).await
+    }
+
+    async fn post(&self, path: &str, body: &Value, key: Option<&str>) -> Result<Value, Failure> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        self.send(request).await
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    table.to_string()
+}
+
+fn problem_of(saga: &Value) -> String {
+    let failure = |v: &Value| format!("{} {}", text(&v["step"]), text(&v["code"]));
+    match (&saga["failure"], &saga["attention"]) {
+        (_, a) if a.is_object() => format!("attention: {}", failure(a)),
+        (f, _) if f.is_object() => failure(f),
+        _ => "-".to_owned(),
+    }
+}
+
+fn render_list(page: &Value) -> String {
+    let rows = page["items"].as_array().into_iter().flatten().map(|s| {
+        vec![
+            text(&s["id"]),
+            text(&s["saga_type"]),
+            text(&s["status"]),
+            format!("{} {}", text(&s["last_step"]["name"]), text(&s["last_step"]["kind"]).to_lowercase()),
+            problem_of(s),
+            text(&s["created_at"]),
+        ]
+    });
+    let mut out = table(&["ID", "TYPE", "STATUS", "STEP", "FAILED AT / CODE", "CREATED"], rows);
+    out.push_str(&format!("\n{} saga(s)", text(&page["count"])));
+    if let Some(next) = page["next"].as_str() {
+        out.push_str(&format!("; more with --cursor {next}"));
+    }
+    out
+}
+
+fn render_saga(saga: &Value) -> String {
+    let mut out = String::new();
+    for (name, value) in [
+        ("id", &saga["id"]),
+        ("type", &saga["saga_type"]),
+        ("version of definition", &saga["definition_version"]),
+        ("business key", &saga["business_key"]),
+        ("status", &saga["status"]),
+        ("created", &saga["created_at"]),
+        ("updated", &saga["updated_at"]),
+        ("ended", &saga["ended_at"]),
+    ] {
+        out.push_str(&format!("{name:<22} {}\n", text(value)));
+    }
+    out.push_str(&format!("{:<22} {}\n", "failure / attention", problem_of(saga)));
+    if let Some(reason) = saga["failure"]["reason"].as_str() {
+        out.push_str(&format!("{:<22} {reason}\n", "failure reason"));
+    }
+    if let Some(reason) = saga["attention"]["reason"].as_str() {
+        out.push_str(&format!("{:<22} {reason}\n", "attention reason"));
+    }
+    let attempts = saga["steps"].as_array().into_iter().flatten().flat_map(|step| {
+        let status = text(&step["status"]);
+        let name = text(&step["name"]);
+        step["attempts"].as_array().cloned().unwrap_or_default().into_iter().map(move |a| {
+            vec![
+                name.clone(),
+                status.clone(),
+                text(&a["kind"]).to_lowercase(),
+                text(&a["attempt"]),
+                text(&a["status"]),
+                text(&a["error_code"]),
+                text(&a["started_at"]),
+            ]
+        })
+    });
+    out.push_str("\nSteps and attempts\n");
+    out.push_str(&table(&["STEP", "STEP STATUS", "KIND", "ATTEMPT", "OUTCOME", "ERROR", "STARTED"], attempts));
+    let undone = saga["compensations"].as_array().cloned().unwrap_or_default();
+    if !undone.is_empty() {
+        out.push_str("\n\nUndone (compensations)\n");
+        out.push_str(&table(
+            &["STEP", "COMPENSATION", "STATUS", "ATTEMPTS"],
+            undone.iter().map(|c| vec![text(&c["step"]), text(&c["action"]), text(&c["status"]), text(&c["attempts"])]),
+        ));
+    }
+    out.push_str("\n\nHistory\n");
+    out.push_str(&table(
+        &["V", "AT", "TRIGGER", "STATUS", "WHAT"],
+        saga["history"].as_array().into_iter().flatten().map(|h| {
+            vec![
+                text(&h["version"]),
+                text(&h["recorded_at"]),
+                text(&h["trigger"]),
+                text(&h["to_status"]),
+                text(&h["summary"]),
+            ]
+        }),
+    ));
+    out
+}
+
+fn render_stats(stats: &Value) -> String {
+    let mut out = format!("{} to {}\n", text(&stats["from"]), text(&stats["to"]));
+    out.push_str(&format!(
+        "total {}, success rate {}\n",
+        text(&stats["total"]),
+        match stats["success_rate"].as_f64() {
+            Some(rate) => format!("{:.2} %", rate * 100.0),
+            None => "-".to_owned(),
+        }
+    ));
+    let by_status = stats["by_status"].as_object().cloned().unwrap_or_default();
+    out.push_str(&table(&["STATUS", "SAGAS"], by_status.iter().map(|(k, v)| vec![k.clone(), text(v)])));
+    for (title, key) in [
+        ("FAILED AT STEP", "failures_by_step"),
+        ("FAILURE CODE", "failures_by_code"),
+        ("NEEDS ATTENTION AT", "attention_by_step"),
+    ] {
+        let rows: Vec<Vec<String>> =
+            stats[key].as_array().into_iter().flatten().map(|c| vec![text(&c["key"]), text(&c["count"])]).collect();
+        if !rows.is_empty() {
+            out.push('\n');
+            out.push_str(&table(&[title, "SAGAS"], rows));
+        }
+    }
+    let d = &stats["completed_duration_seconds"];
+    if d.is_object() {
+        out.push_str(&format!(
+            "\ncompleted in p50 {:.3} s, p95 {:.3} s, p99 {:.3} s",
+            d["p50"].as_f64().unwrap_or(0.0),
+            d["p95"].as_f64().unwrap_or(0.0),
+            d["p99"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    out
+}
+
+fn render_action(result: &Value) -> String {
+    format!(
+        "{} {}: {} -> {} (audit #{})\n{}",
+        text(&result["action"]).to_lowercase(),
+        text(&result["saga_id"]),
+        text(&result["status_before"]),
+        text(&result["status_after"]),
+        text(&result["audit_id"]),
+        text(&result["summary"])
+    )
+}
+
+fn render_bulk(result: &Value) -> String {
+    let mut out = table(
+        &["SAGA", "BUSINESS KEY", "STATUS BEFORE", "RESULT", "DETAIL"],
+        result["items"].as_array().into_iter().flatten().map(|i| {
+            vec![
+                text(&i["saga_id"]),
+                text(&i["business_key"]),
+                text(&i["status_before"]),
+                text(&i["result"]),
+                text(&i["detail"]),
+            ]
+        }),
+    );
+    out.push_str(&format!(
+        "\n{}matched {}, retried {}, refused {}",
+        if result["dry_run"] == true { "dry run: " } else { "" },
+        text(&result["matched"]),
+        text(&result["retried"]),
+        text(&result["refused"])
+    ));
+    out
+}
+
+fn render_audit(log: &Value) -> String {
+    table(
+        &["#", "AT", "ACTION", "ACTOR", "BEFORE", "AFTER", "REASON"],
+        log["entries"].as_array().into_iter().flatten().map(|e| {
+            vec![
+                text(&e["id"]),
+                text(&e["recorded_at"]),
+                text(&e["action"]),
+                text(&e["actor"]),
+                text(&e["status_before"]),
+                text(&e["status_after"]),
+                text(&e["reason"]),
+            ]
+        }),
+    )
+}
+
+fn render_definitions(list: &Value) -> String {
+    table(
+        &["NAME", "VERSION", "LATEST", "STEPS"],
+        list["items"].as_array().into_iter().flatten().map(|d| {
+            let steps: Vec<String> = d["steps"].as_array().into_iter().flatten().map(|s| text(&s["name"])).collect();
+            vec![text(&d["name"]), text(&d["version"]), text(&d["latest"]), steps.join(" -> ")]
+        }),
+    )
+}
+
+async fn run(cli: Cli) -> Result<String, Failure> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(cli.timeout))
+        .build()
+        .map_err(|e| Failure { code: 1, message: e.to_string() })?;
+    let client = Client { http, base: cli.url.trim_end_matches('/').to_owned(), token: cli.token.clone() };
+    let new_key = || format!("sagactl-{}", uuid::Uuid::new_v4());
+    let (body, render): (Value, fn(&Value) -> String) = match cli.command {
+        Command::List { filter, limit, cursor } => {
+            let mut query = filter.pairs();
+            query.push(("limit", limit.to_string()));
+            if let Some(cursor) = cursor {
+                query.push(("cursor", cursor));
+            }
+            (client.get("/api/v1/sagas", &query).await?, render_list)
+        }
+        Command::Show { id } => (client.get(&format!("/api/v1/sagas/{id}"), &[]).await?, render_saga),
+        Command::Stats { window, from, to, saga_type } => {
+            let query: Vec<(&str, String)> = [("window", window), ("from", from), ("to", to), ("saga_type", saga_type)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k, v)))
+                .collect();
+            (client.get("/api/v1/sagas/stats", &query).await?, render_stats)
+        }
+        Command::Retry(action) => {
+            let key = action.idempotency_key.unwrap_or_else(new_key);
+            let path = format!("/api/v1/sagas/{}/retry", action.id);
+            (client.post(&path, &json!({"reason": action.reason}), Some(&key)).await?, render_action)
+        }
+        Command::Abort(action) => {
+            let key = action.idempotency_key.unwrap_or_else(new_key);
+            let path = format!("/api/v1/sagas/{}/abort", action.id);
+            (client.post(&path, &json!({"reason": action.reason}), Some(&key)).await?, render_action)
+        }
+        Command::BulkRetry { filter, limit, reason, dry_run, idempotency_key } => {
+            let body = json!({"filter": filter.json(), "limit": limit, "reason": reason, "dry_run": dry_run});
+            let key = idempotency_key.unwrap_or_else(new_key);
+            (client.post("/api/v1/sagas/bulk-retry", &body, Some(&key)).await?, render_bulk)
+        }
+        Command::Audit { id } => (client.get(&format!("/api/v1/sagas/{id}/audit"), &[]).await?, render_audit),
+        Command::Definitions => (client.get("/api/v1/saga-definitions", &[]).await?, render_definitions),
+    };
+    Ok(match cli.output {
+        Output::Json => serde_json::to_string_pretty(&body).unwrap_or_default(),
+        Output::Table => render(&body),
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("sagactl: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}

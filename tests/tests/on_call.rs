@@ -72,6 +72,23 @@ async fn on_call_queries_filter_page_and_count_real_sagas() -> anyhow::Result<()
         assert!(value > 0.0, "{sample} = {value}");
     }
 
+    // Consumer lag per topic partition, from librdkafka's statistics: back to zero once settled.
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = system.http.get(system.metrics_url("orchestrator")).send().await?.text().await?;
+        let lags: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("kafka_consumer_lag{") && l.contains("saga-replies") && l.contains("partition=\"")
+            })
+            .collect();
+        if !lags.is_empty() && lags.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no settled lag gauge: {lags:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // Every filter.
     let set = |v: Vec<String>| v.into_iter().collect::<BTreeSet<String>>();
     assert_eq!(set(list(&system, "status=COMPLETED,failed").await), all);

@@ -10,7 +10,7 @@ use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use futures::StreamExt;
 use metrics::{counter, describe_counter, describe_histogram, histogram};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -67,11 +67,15 @@ pub(crate) fn describe_metrics() {
     describe_counter!(CONSUMED, "Messages consumed and applied, by topic");
     describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to apply one batch of consumed messages");
     describe_counter!(BATCH_FAILURES, "Batches whose transaction failed and was retried");
+    metrics::describe_gauge!(
+        crate::kafka::CONSUMER_LAG,
+        "Messages not yet consumed and committed, by consumer group, topic and partition"
+    );
 }
 
 /// Runs until `shutdown` is cancelled, then commits the stored offsets.
 pub async fn run(
-    consumer: &StreamConsumer,
+    consumer: &crate::kafka::GroupConsumer,
     batch_size: usize,
     handler: &impl BatchHandler,
     shutdown: CancellationToken,

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
@@ -40,10 +41,39 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
     client.create()
 }
 
+/// The consumer lag gauge, from librdkafka's statistics (`statistics.interval.ms`, 5 s unless
+/// overridden): messages between the partition's end and the group's committed offset.
+pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
+
+/// Reports each assigned partition's lag as `kafka_consumer_lag{group, topic, partition}`.
+pub struct LagContext {
+    group: String,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in statistics.topics {
+            for (partition, p) in stats.partitions {
+                // Partition -1 is librdkafka's internal unassigned queue; -1 lag means unknown.
+                if partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// The consumer every service uses.
+pub type GroupConsumer = StreamConsumer<LagContext>;
+
 /// A consumer that stores offsets only when told to (`enable.auto.offset.store=false`): the
 /// caller stores an offset after the transaction that applied the message has committed, and the
 /// stored offsets are committed in the background.
-pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Result<StreamConsumer, KafkaError> {
+pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Result<GroupConsumer, KafkaError> {
     let mut client = base(config);
     client
         .set("group.id", group_id)
@@ -52,9 +82,10 @@ pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Resu
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000");
     set_all(&mut client, &config.kafka_consumer_properties);
-    let consumer: StreamConsumer = client.create()?;
+    let consumer: GroupConsumer = client.create_with_context(LagContext { group: group_id.to_owned() })?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)

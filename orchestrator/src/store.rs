@@ -529,8 +529,9 @@ pub(crate) async fn stats(
     })
 }
 
-/// One entry of the operator audit log.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+/// One entry of the operator audit log: who did what to which saga, why, and what it changed.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = AuditEntry)]
 pub(crate) struct AuditRow {
     pub(crate) id: i64,
     pub(crate) saga_id: Uuid,
@@ -543,6 +544,7 @@ pub(crate) struct AuditRow {
     pub(crate) status_after: String,
     pub(crate) version_before: i64,
     pub(crate) version_after: i64,
+    #[schema(value_type = Object)]
     pub(crate) detail: Value,
     pub(crate) recorded_at: DateTime<Utc>,
 }

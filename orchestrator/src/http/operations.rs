@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -346,32 +346,11 @@ pub(crate) async fn bulk_retry(
     .await
 }
 
-/// One entry of the audit log.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct AuditEntry {
-    id: i64,
-    saga_id: Uuid,
-    /// RETRY or ABORT.
-    action: String,
-    /// The token's name.
-    actor: String,
-    reason: String,
-    idempotency_key: Option<String>,
-    bulk_id: Option<Uuid>,
-    status_before: String,
-    status_after: String,
-    version_before: i64,
-    version_after: i64,
-    #[schema(value_type = Object)]
-    detail: Value,
-    recorded_at: DateTime<Utc>,
-}
-
 /// The audit log of a saga.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct AuditLog {
     saga: SagaSummary,
-    entries: Vec<AuditEntry>,
+    entries: Vec<store::AuditRow>,
 }
 
 /// The operator actions taken on a saga: who, when, what, why, and the state before and after.
@@ -389,24 +368,6 @@ pub(crate) async fn audit(State(state): State<AppState>, Path(id): Path<String>)
     let id = parse_id(&id)?;
     let mut conn = state.pool.acquire().await?;
     let row = store::get(&mut conn, id).await?.ok_or_else(|| ApiError::NotFound(format!("no saga {id}")))?;
-    let entries = store::audit(&mut conn, id)
-        .await?
-        .into_iter()
-        .map(|a| AuditEntry {
-            id: a.id,
-            saga_id: a.saga_id,
-            action: a.action,
-            actor: a.actor,
-            reason: a.reason,
-            idempotency_key: a.idempotency_key,
-            bulk_id: a.bulk_id,
-            status_before: a.status_before,
-            status_after: a.status_after,
-            version_before: a.version_before,
-            version_after: a.version_after,
-            detail: a.detail,
-            recorded_at: a.recorded_at,
-        })
-        .collect();
+    let entries = store::audit(&mut conn, id).await?;
     Ok(Json(AuditLog { saga: SagaSummary::from(&row), entries }))
 }

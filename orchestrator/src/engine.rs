@@ -322,6 +322,21 @@ impl Engine {
         self.operate_locked(conn, row, operation, operator, effects).await
     }
 
+    /// Whether the state machine would allow `operation` on `row`, without writing anything
+    /// (a bulk retry's dry run).
+    pub(crate) fn check(&self, row: &SagaRow, operation: &Operation) -> Result<(), OperateError> {
+        let definition = self
+            .registry
+            .get(&row.saga_type, row.definition_version as u32)
+            .ok_or_else(|| OperateError::UnknownDefinition(row.saga_type.clone(), row.definition_version))?;
+        let event = match operation {
+            Operation::Retry => SagaEvent::Retry,
+            Operation::Abort => SagaEvent::Abort { reason: String::new() },
+        };
+        let state = row.state().map_err(ApplyError::from)?;
+        saga_defs::apply(definition, &state, &event, clock()).map(|_| ()).map_err(OperateError::Refused)
+    }
+
     /// An operator's retry or abort of a saga the caller has locked. Writes the transition, its
     /// history entry and the audit entry on the caller's transaction.
     pub(crate) async fn operate_locked(

@@ -313,15 +313,14 @@ pub(crate) async fn bulk_retry(
                     detail,
                 };
                 if dry_run {
-                    let allowed = row.status().map(|s| !matches!(s.as_str(), "COMPLETED" | "FAILED")).unwrap_or(false);
-                    items.push(if allowed {
-                        item(
+                    items.push(match engine.check(&row, &Operation::Retry) {
+                        Ok(()) => item(
                             "would_retry",
                             None,
                             format!("at {} {} attempt {}", row.step_name, row.step_kind, row.attempt),
-                        )
-                    } else {
-                        item("refused", None, format!("a {} saga cannot be retried", row.status))
+                        ),
+                        Err(OperateError::Refused(refusal)) => item("refused", None, refusal.to_string()),
+                        Err(other) => return Err(operate_error(other)),
                     });
                     continue;
                 }

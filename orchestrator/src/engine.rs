@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, histogram};
-use saga_defs::contract::{commands_topic, MESSAGE_TYPE_COMMAND, REPLIES_TOPIC, SCHEMA_VERSION};
+use saga_defs::contract::{
+    commands_topic, EVENTS_TOPIC, MESSAGE_TYPE_COMMAND, MESSAGE_TYPE_EVENT, REPLIES_TOPIC, SCHEMA_VERSION,
+};
 use saga_defs::machine::{AttemptOutcome, StepReply, Transition, TransitionError};
 use saga_defs::{
-    Clock, CommandEnvelope, Registry, ReplyEnvelope, SagaDefinition, SagaEvent, SagaId, SagaState, SagaStatus,
-    StartSagaRequest,
+    Clock, CommandEnvelope, LifecycleEventType, Registry, ReplyEnvelope, SagaDefinition, SagaEvent, SagaId,
+    SagaLifecycleEvent, SagaState, SagaStatus, StartSagaRequest,
 };
+use saga_runtime::dead_letter::Reason;
 use saga_runtime::outbox::{self, OutboxMessage};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -174,6 +177,17 @@ pub(crate) struct Operated {
     pub(crate) summary: String,
 }
 
+/// What a lifecycle event announces.
+struct Lifecycle<'a> {
+    event_type: LifecycleEventType,
+    saga_id: Uuid,
+    definition: &'a SagaDefinition,
+    business_key: Option<&'a str>,
+    state: &'a SagaState,
+    version: i64,
+    now: DateTime<Utc>,
+}
+
 /// Where an event came from, for the history.
 struct Origin<'a> {
     trigger: &'a str,
@@ -256,6 +270,16 @@ impl Engine {
         }
         let summary = describe(definition, None, "started", &transition);
         self.write_effects(conn, id, definition, &request.input, &json!({}), &transition, clock.now).await?;
+        let started = Lifecycle {
+            event_type: LifecycleEventType::Started,
+            saga_id: id,
+            definition,
+            business_key: request.business_key.as_deref(),
+            state: &transition.next,
+            version: 1,
+            now: clock.now,
+        };
+        outbox::insert(conn, &[self.lifecycle_event(started)]).await?;
         store::append_history(
             conn,
             HistoryEntry {
@@ -275,17 +299,23 @@ impl Engine {
         Ok(Started::Created(id))
     }
 
-    /// Applies a participant's reply. Replies that do not apply change nothing and are counted.
+    /// Applies a participant's reply. A reply that answers a command the saga sent but no longer
+    /// waits for (a duplicate, or a late answer to an attempt that timed out) changes nothing and
+    /// is counted; a reply about a saga, step or attempt that was never sent is returned as a
+    /// dead letter.
     pub(crate) async fn on_reply(
         &self,
         conn: &mut PgConnection,
         reply: &ReplyEnvelope,
         effects: &mut Effects,
-    ) -> Result<(), ApplyError> {
-        let Some(row) = store::lock(conn, reply.saga_id.as_uuid()).await? else {
-            tracing::warn!(saga_id = %reply.saga_id, step = %reply.step, "reply for an unknown saga");
-            effects.ignored("unknown_saga");
-            return Ok(());
+    ) -> Result<Option<Reason>, ApplyError> {
+        let saga_id = reply.saga_id.as_uuid();
+        let Some(row) = store::lock(conn, saga_id).await? else {
+            return Ok(Some(Reason::new("unknown_saga", format!("no saga {saga_id}"))));
+        };
+        let Some(definition) = self.registry.get(&row.saga_type, row.definition_version as u32) else {
+            let error = format!("saga definition {} v{} is not loaded", row.saga_type, row.definition_version);
+            return Ok(Some(Reason::new("unknown_definition", error)));
         };
         let event = SagaEvent::Reply(StepReply {
             step: reply.step.clone(),
@@ -294,7 +324,18 @@ impl Engine {
             outcome: reply.outcome.clone(),
         });
         let origin = Origin { trigger: "REPLY", message_id: Some(reply.message_id), operator: None };
-        self.apply(conn, row, &event, origin, effects).await
+        let Err(refused) = self.transition(conn, definition, row, &event, origin, effects).await? else {
+            return Ok(None);
+        };
+        match store::attempt_status(conn, saga_id, reply.step.as_str(), reply.kind, reply.attempt).await?.as_deref() {
+            None => Ok(Some(Reason::new("unexpected_reply", format!("no such command was sent: {refused}")))),
+            Some(status) => {
+                let label = if matches!(status, "SUCCEEDED" | "FAILED") { "duplicate" } else { "stale" };
+                tracing::info!(%saga_id, step = %reply.step, attempt = reply.attempt, attempt_status = status, label, "reply changes nothing");
+                effects.ignored(label);
+                Ok(None)
+            }
+        }
     }
 
     /// Fires the timer of a saga the caller has locked.
@@ -480,6 +521,18 @@ impl Engine {
             },
         )
         .await?;
+        if let Some(event_type) = LifecycleEventType::entering(next.status).filter(|_| next.status != state.status) {
+            let event = Lifecycle {
+                event_type,
+                saga_id: row.id,
+                definition,
+                business_key: row.business_key.as_deref(),
+                state: next,
+                version: row.version + 1,
+                now: clock.now,
+            };
+            outbox::insert(conn, &[self.lifecycle_event(event)]).await?;
+        }
         if next.status.is_terminal() {
             effects.0.push(Effect::Ended {
                 saga_type: row.saga_type.clone(),
@@ -489,6 +542,25 @@ impl Engine {
             tracing::info!(status = %next.status, "saga ended");
         }
         Ok(Ok((transition, summary)))
+    }
+
+    /// The `saga-events` message announcing a lifecycle event.
+    fn lifecycle_event(&self, event: Lifecycle<'_>) -> OutboxMessage {
+        let payload = SagaLifecycleEvent {
+            schema_version: SCHEMA_VERSION,
+            event_id: Uuid::now_v7(),
+            event_type: event.event_type,
+            saga_id: SagaId::from(event.saga_id),
+            saga_type: event.definition.name.clone(),
+            definition_version: event.definition.version,
+            business_key: event.business_key.map(str::to_owned),
+            status: event.state.status,
+            version: event.version,
+            failure: event.state.failure.clone(),
+            attention: event.state.attention.clone(),
+            occurred_at: event.now,
+        };
+        OutboxMessage::new(self.topic(EVENTS_TOPIC), event.saga_id, MESSAGE_TYPE_EVENT, &payload)
     }
 
     /// Records the commands as pending attempts and puts them in the outbox.

@@ -1,5 +1,6 @@
 //! The orchestrator's consumer: participants' replies and start requests, applied many to a
-//! transaction. Offsets are stored by the runtime only after the transaction commits.
+//! transaction. Offsets are stored by the runtime only after the transaction commits. What cannot
+//! be applied is dead-lettered in that same transaction.
 
 use std::sync::Arc;
 
@@ -8,9 +9,14 @@ use saga_defs::contract::{
 };
 use saga_defs::{ReplyEnvelope, StartSagaRequest};
 use saga_runtime::consumer::{BatchHandler, Record};
+use saga_runtime::dead_letter::{self, Reason};
+use saga_runtime::outbox;
 use sqlx::PgPool;
 
 use crate::engine::{Effects, Engine, StartError};
+
+/// The name on the orchestrator's dead letters.
+const SERVICE: &str = "saga-orchestrator";
 
 pub(crate) struct Inbound {
     pub(crate) pool: PgPool,
@@ -24,35 +30,44 @@ enum Message {
     Start(StartSagaRequest),
 }
 
-/// Why a record cannot be applied. A later issue dead-letters these; here they are logged and counted.
-fn read<'a>(record: &'a Record, expected_type: &str) -> Result<&'a [u8], &'static str> {
-    if record.header(HEADER_MESSAGE_TYPE).is_some_and(|t| t != expected_type) {
-        return Err("message_type");
+/// Reads a record's payload, checking its type and schema headers when present.
+fn read<'a>(record: &'a Record, expected_type: &str) -> Result<&'a [u8], Reason> {
+    if let Some(found) = record.header(HEADER_MESSAGE_TYPE).filter(|t| *t != expected_type) {
+        return Err(Reason::new("message_type", format!("message type {found:?} is not {expected_type:?}")));
     }
-    if record.header(HEADER_SCHEMA_VERSION).is_some_and(|v| v != SCHEMA_VERSION.to_string()) {
-        return Err("schema_version");
+    if let Some(found) = record.header(HEADER_SCHEMA_VERSION).filter(|v| *v != SCHEMA_VERSION.to_string()) {
+        return Err(unsupported_schema(found));
     }
-    record.payload.as_deref().ok_or("empty")
+    record.payload.as_deref().ok_or_else(|| Reason::new("empty", "the message has no payload"))
+}
+
+fn unsupported_schema(found: impl std::fmt::Display) -> Reason {
+    Reason::new(
+        "schema_version",
+        format!("schema version {found} is not supported (this build reads {SCHEMA_VERSION})"),
+    )
+}
+
+fn invalid(error: serde_json::Error) -> Reason {
+    Reason::new("invalid_json", format!("not a valid message: {error}"))
 }
 
 impl Inbound {
-    fn parse(&self, record: &Record) -> Result<Message, &'static str> {
+    fn parse(&self, record: &Record) -> Result<Message, Reason> {
         if record.topic == self.replies_topic {
-            let reply: ReplyEnvelope =
-                serde_json::from_slice(read(record, MESSAGE_TYPE_REPLY)?).map_err(|_| "invalid_json")?;
+            let reply: ReplyEnvelope = serde_json::from_slice(read(record, MESSAGE_TYPE_REPLY)?).map_err(invalid)?;
             if reply.schema_version != SCHEMA_VERSION {
-                return Err("schema_version");
+                return Err(unsupported_schema(reply.schema_version));
             }
             Ok(Message::Reply(reply))
         } else if record.topic == self.start_topic {
-            let start: StartSagaRequest =
-                serde_json::from_slice(read(record, MESSAGE_TYPE_START)?).map_err(|_| "invalid_json")?;
+            let start: StartSagaRequest = serde_json::from_slice(read(record, MESSAGE_TYPE_START)?).map_err(invalid)?;
             if start.schema_version != SCHEMA_VERSION {
-                return Err("schema_version");
+                return Err(unsupported_schema(start.schema_version));
             }
             Ok(Message::Start(start))
         } else {
-            Err("unknown_topic")
+            Err(Reason::new("unknown_topic", format!("not subscribed to {}", record.topic)))
         }
     }
 }
@@ -61,29 +76,50 @@ impl BatchHandler for Inbound {
     async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::default();
+        let mut dead = Vec::new();
         for record in records {
-            match self.parse(record) {
+            let verdict = match self.parse(record) {
                 Ok(Message::Reply(reply)) => self.engine.on_reply(&mut tx, &reply, &mut effects).await?,
                 Ok(Message::Start(request)) => match self.engine.start(&mut tx, &request, &mut effects).await {
-                    Ok(_) => {}
+                    Ok(_) => None,
                     Err(StartError::Database(error)) => return Err(error.into()),
                     Err(error) => {
-                        tracing::warn!(position = record.position(), %error, "start request refused");
-                        effects.start_refused(match error {
+                        let label = match error {
                             StartError::UnknownType { .. } => "unknown_saga_type",
                             StartError::InputNotObject => "invalid_input",
                             _ => "idempotency_key_reused",
-                        });
+                        };
+                        effects.start_refused(label);
+                        Some(Reason::new(label, error))
                     }
                 },
                 Err(reason) => {
-                    tracing::warn!(position = record.position(), reason, "skipping an unreadable message");
-                    effects.ignored(reason);
+                    if record.topic == self.replies_topic {
+                        effects.ignored(reason.label);
+                    }
+                    Some(reason)
                 }
+            };
+            if let Some(reason) = verdict {
+                dead.push((dead_letter::message(SERVICE, record, &reason), reason.label));
             }
         }
+        let messages: Vec<_> = dead.iter().map(|(m, _)| m.clone()).collect();
+        outbox::insert(&mut tx, &messages).await?;
         tx.commit().await?;
         effects.record();
+        for (message, label) in dead {
+            let source = message.topic.trim_end_matches(".dlq");
+            dead_letter::count(source, label);
+        }
         Ok(())
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn service(&self) -> &str {
+        SERVICE
     }
 }

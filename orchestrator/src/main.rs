@@ -1,6 +1,7 @@
 //! The saga orchestrator. `main` only wires the parts together.
 
 mod config;
+mod dead_letters;
 mod engine;
 mod http;
 mod inbound;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches};
 use saga_defs::contract::{commands_topic, EVENTS_TOPIC, REPLIES_TOPIC, START_REQUESTS_TOPIC};
 use saga_defs::Registry;
-use saga_runtime::{consumer, db, health, kafka, outbox, shutdown, telemetry};
+use saga_runtime::{consumer, db, dead_letter, health, kafka, outbox, shutdown, telemetry};
 
 use crate::config::{Command, Config};
 
@@ -29,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let config = Config::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     telemetry::init_logs(&config.telemetry);
+    saga_runtime::faults::setup()?;
     let registry = Arc::new(load_definitions(config.definitions_dir.as_deref())?);
     let result = match config.command {
         None | Some(Command::Serve) => serve(config, registry).await,
@@ -75,7 +77,11 @@ fn migrations() -> Vec<sqlx::migrate::Migrator> {
 /// Every topic the loaded definitions need.
 fn topics(config: &Config, registry: &Registry) -> Vec<String> {
     let mut names: Vec<String> = registry.participants().iter().map(|p| commands_topic(p)).collect();
-    names.extend([REPLIES_TOPIC, START_REQUESTS_TOPIC, EVENTS_TOPIC].map(String::from));
+    names.extend([REPLIES_TOPIC, START_REQUESTS_TOPIC].map(String::from));
+    // Every consumed topic has its dead-letter topic.
+    let dead_letters: Vec<String> = names.iter().map(|n| dead_letter::topic_of(n)).collect();
+    names.extend(dead_letters);
+    names.push(EVENTS_TOPIC.to_owned());
     names.iter().map(|n| config.kafka.topic(n)).collect()
 }
 
@@ -94,7 +100,8 @@ async fn serve(mut config: Config, registry: Arc<Registry>) -> anyhow::Result<()
         tracing::info!(saga_type = %definition.name, version = definition.version, steps = definition.steps.len(), "loaded saga definition");
     }
     let pool = db::connect(&config.database, migrations()).await?;
-    kafka::ensure_topics(&config.kafka, &topics(&config, &registry)).await?;
+    let all_topics = topics(&config, &registry);
+    kafka::ensure_topics(&config.kafka, &all_topics).await?;
     let producer = kafka::producer(&config.kafka, "saga-orchestrator")?;
     let replies_topic = config.kafka.topic(REPLIES_TOPIC);
     let start_topic = config.kafka.topic(START_REQUESTS_TOPIC);
@@ -121,13 +128,20 @@ async fn serve(mut config: Config, registry: Arc<Registry>) -> anyhow::Result<()
         )),
     ];
     let inbound = inbound::Inbound { pool: pool.clone(), engine: engine.clone(), replies_topic, start_topic };
-    let batch_size = config.kafka.kafka_batch_size;
+    let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        consumer::run(&consumer, batch_size, &inbound, consumer_shutdown).await;
+        consumer::run(&consumer, settings, &inbound, consumer_shutdown).await;
     }));
 
-    let state = http::AppState { pool: pool.clone(), engine, redact: Arc::new(config.redact_fields.clone()) };
+    let dead_letter_topics = all_topics.into_iter().filter(|t| t.ends_with(".dlq")).collect();
+    let dead_letters = dead_letters::DeadLetters::new(config.kafka.clone(), dead_letter_topics, producer.clone());
+    let state = http::AppState {
+        pool: pool.clone(),
+        engine,
+        redact: Arc::new(config.redact_fields.clone()),
+        dead_letters: Arc::new(dead_letters),
+    };
     let readiness = health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer };
     let router = http::finish(http::router(state, auth).merge(health::router(readiness)));
     let served = health::serve(config.http_addr, router, shutdown.clone()).await;

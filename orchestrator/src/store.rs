@@ -246,6 +246,26 @@ pub(crate) async fn insert_attempt(
     Ok(())
 }
 
+/// The status of a command the saga sent (`PENDING`, `SUCCEEDED`, ...), or `None` if it never
+/// sent that step, kind and attempt.
+pub(crate) async fn attempt_status(
+    conn: &mut PgConnection,
+    saga_id: Uuid,
+    step: &str,
+    kind: StepKind,
+    attempt: u32,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "SELECT status FROM saga_step_attempts WHERE saga_id = $1 AND step_name = $2 AND kind = $3 AND attempt = $4",
+    )
+    .bind(saga_id)
+    .bind(step)
+    .bind(kind.as_str())
+    .bind(attempt as i32)
+    .fetch_optional(conn)
+    .await
+}
+
 /// Records how an attempt ended; returns when it started.
 pub(crate) async fn finish_attempt(
     conn: &mut PgConnection,

@@ -24,6 +24,7 @@ pub const HEADER_SCHEMA_VERSION: &str = "schema-version";
 pub const MESSAGE_TYPE_COMMAND: &str = "saga.command";
 pub const MESSAGE_TYPE_REPLY: &str = "saga.reply";
 pub const MESSAGE_TYPE_START: &str = "saga.start";
+pub const MESSAGE_TYPE_EVENT: &str = "saga.event";
 /// The only schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 

@@ -17,5 +17,7 @@ pub use ids::{SagaId, SagaType, StepName};
 pub use machine::{
     apply, start, AttemptOutcome, Clock, SagaEvent, SagaState, StepCommand, Transition, TransitionError, Waiting,
 };
-pub use messages::{CommandEnvelope, ReplyEnvelope, ReplyOutcome, StartSagaRequest, StepError};
+pub use messages::{
+    CommandEnvelope, LifecycleEventType, ReplyEnvelope, ReplyOutcome, SagaLifecycleEvent, StartSagaRequest, StepError,
+};
 pub use status::{SagaStatus, StepKind};

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::contract::SCHEMA_VERSION;
 use crate::ids::{SagaId, SagaType, StepName};
-use crate::status::StepKind;
+use crate::status::{SagaStatus, StepKind};
 
 /// Why a saga is being undone, passed to compensations (the order uses it as the rejection reason).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +125,59 @@ pub struct StartSagaRequest {
     pub input: serde_json::Value,
 }
 
+/// What happened to a saga, as announced on `saga-events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LifecycleEventType {
+    #[serde(rename = "saga.started")]
+    Started,
+    #[serde(rename = "saga.completed")]
+    Completed,
+    /// Failed and fully compensated.
+    #[serde(rename = "saga.failed")]
+    Failed,
+    /// Parked for a human (a compensation that cannot succeed, a step that cannot be undone).
+    #[serde(rename = "saga.needs_attention")]
+    NeedsAttention,
+}
+
+impl LifecycleEventType {
+    /// The event a transition into `status` announces, if any.
+    pub fn entering(status: SagaStatus) -> Option<Self> {
+        match status {
+            SagaStatus::Completed => Some(Self::Completed),
+            SagaStatus::Failed => Some(Self::Failed),
+            SagaStatus::NeedsAttention => Some(Self::NeedsAttention),
+            SagaStatus::Running | SagaStatus::Compensating => None,
+        }
+    }
+}
+
+/// A saga lifecycle event on the `saga-events` topic (keyed by saga id), for notifications and
+/// downstream systems. Published through the orchestrator's outbox in the transaction of the
+/// transition it announces, so it is never lost and never announces what did not happen.
+/// Delivery is at least once: deduplicate by `event_id` (or by `saga_id` and `version`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaLifecycleEvent {
+    pub schema_version: u32,
+    pub event_id: Uuid,
+    pub event_type: LifecycleEventType,
+    pub saga_id: SagaId,
+    pub saga_type: SagaType,
+    pub definition_version: u32,
+    #[serde(default)]
+    pub business_key: Option<String>,
+    pub status: SagaStatus,
+    /// The saga's version after the transition this announces.
+    pub version: i64,
+    /// The failure that made it compensate (failed, needs attention).
+    #[serde(default)]
+    pub failure: Option<FailureInfo>,
+    /// Why it needs a human (needs attention).
+    #[serde(default)]
+    pub attention: Option<FailureInfo>,
+    pub occurred_at: DateTime<Utc>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +195,16 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(failed, ReplyOutcome::Failed { error: StepError::business("PAYMENT_DECLINED", "card declined") });
+    }
+
+    #[test]
+    fn lifecycle_events_are_named_for_their_terminal_status() {
+        assert_eq!(LifecycleEventType::entering(SagaStatus::Running), None);
+        assert_eq!(LifecycleEventType::entering(SagaStatus::Compensating), None);
+        let named: Vec<serde_json::Value> = [SagaStatus::Completed, SagaStatus::Failed, SagaStatus::NeedsAttention]
+            .into_iter()
+            .map(|s| serde_json::to_value(LifecycleEventType::entering(s).unwrap()).unwrap())
+            .collect();
+        assert_eq!(named, ["saga.completed", "saga.failed", "saga.needs_attention"]);
     }
 }

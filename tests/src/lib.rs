@@ -14,6 +14,8 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+pub mod faults;
+
 pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
 
 /// The orchestrator's API tokens in tests: `admin` (what [`System::http`] sends) and `reader`.
@@ -27,6 +29,8 @@ pub struct Options {
     pub skip: Vec<&'static str>,
     /// Extra environment for one service: (service, name, value).
     pub env: Vec<(&'static str, String, String)>,
+    /// Run a broker of this system's own (that a test may pause) instead of the shared one.
+    pub private_broker: bool,
 }
 
 impl Options {
@@ -45,6 +49,23 @@ impl Options {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("definitions");
         self.env("orchestrator", "SAGA_DEFINITIONS_DIR", dir.display().to_string())
     }
+
+    /// Loads `tests/definitions/fault/`: the order saga v2, with 5 s timeouts and short
+    /// backoffs, which new sagas then use.
+    pub fn fault_definitions(self) -> Self {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("definitions").join("fault");
+        self.env("orchestrator", "SAGA_DEFINITIONS_DIR", dir.display().to_string())
+    }
+
+    pub fn private_broker(mut self) -> Self {
+        self.private_broker = true;
+        self
+    }
+}
+
+/// The executable behind a service name; `orchestrator#2` is a second orchestrator replica.
+fn base_service(service: &str) -> &str {
+    service.split('#').next().unwrap_or(service)
 }
 
 fn postgres_base() -> String {
@@ -65,6 +86,7 @@ fn bin_dir() -> PathBuf {
 }
 
 fn binary(service: &str) -> PathBuf {
+    let service = base_service(service);
     let name =
         if service == "orchestrator" { "saga-orchestrator".to_owned() } else { format!("saga-participant-{service}") };
     bin_dir().join(name)
@@ -80,10 +102,34 @@ struct Process {
     child: Option<Child>,
 }
 
+/// A message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl TopicMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        self.payload.as_deref().and_then(|p| serde_json::from_slice(p).ok()).unwrap_or(Value::Null)
+    }
+}
+
 /// A whole running system.
 pub struct System {
     pub run_id: String,
-    processes: BTreeMap<&'static str, Process>,
+    processes: std::sync::Mutex<BTreeMap<&'static str, Process>>,
+    /// The broker address this system's services use.
+    pub brokers: String,
+    /// This system's own broker, when it has one.
+    broker: Option<Child>,
     /// Sends the admin token to every service.
     pub http: reqwest::Client,
     log_dir: PathBuf,
@@ -109,10 +155,21 @@ impl System {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}").parse()?);
         let http = reqwest::Client::builder().default_headers(headers).build()?;
-        let mut system = System { run_id, processes: BTreeMap::new(), http, log_dir, env: options.env };
+        let mut system = System {
+            run_id,
+            processes: std::sync::Mutex::new(BTreeMap::new()),
+            brokers: brokers(),
+            broker: None,
+            http,
+            log_dir,
+            env: options.env,
+        };
+        if options.private_broker {
+            system.start_broker().await?;
+        }
         for service in SERVICES {
             system
-                .processes
+                .processes()
                 .insert(service, Process { http_port: free_port(), metrics_port: free_port(), child: None });
         }
         // The orchestrator first: it creates the databases' neighbours' topics too.
@@ -125,8 +182,92 @@ impl System {
         Ok(system)
     }
 
+    fn processes(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Process>> {
+        self.processes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn database_url(&self, service: &str) -> String {
-        format!("{}/sagatest_{}_{}", postgres_base(), self.run_id, service)
+        format!("{}/sagatest_{}_{}", postgres_base(), self.run_id, base_service(service))
+    }
+
+    /// Starts a Tansu broker of this system's own on a free port.
+    async fn start_broker(&mut self) -> anyhow::Result<()> {
+        let port = free_port();
+        let address = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(self.log_dir.join("tansu.log"))?;
+        let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".to_owned());
+        let child = Command::new(&tansu)
+            .args(["broker", "--listener-url", &address, "--advertised-listener-url", &address])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {tansu} (install it: cargo install tansu --locked --version 0.6.0 --features dynostore)"))?;
+        self.broker = Some(child);
+        self.brokers = format!("127.0.0.1:{port}");
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(&self.brokers).await.is_err() {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the private broker did not listen on {} within 30 s", self.brokers);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// The pid of a service's process (or of the private broker, as `broker`).
+    fn pid(&self, service: &str) -> anyhow::Result<u32> {
+        let child = if service == "broker" {
+            self.broker.as_ref()
+        } else {
+            return self
+                .processes()
+                .get(service)
+                .and_then(|p| p.child.as_ref())
+                .and_then(Child::id)
+                .with_context(|| format!("{service} is not running"));
+        };
+        child.and_then(Child::id).with_context(|| format!("{service} is not running"))
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to a service or to the private `broker`.
+    pub fn signal(&self, service: &str, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid(service)?.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {service} failed");
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns how long it took and its exit status.
+    pub async fn terminate(&self, service: &str) -> anyhow::Result<(Duration, std::process::ExitStatus)> {
+        self.signal(service, "TERM")?;
+        let started = Instant::now();
+        let mut child = self.processes().get_mut(service).and_then(|p| p.child.take()).context("not running")?;
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+            .await
+            .context("no exit within 60 s of SIGTERM")??;
+        Ok((started.elapsed(), status))
+    }
+
+    /// Makes a service's database unreachable for `outage`: new connections are refused and
+    /// open ones are cut, as a Postgres restart does to its clients (without disturbing other
+    /// tests sharing the server).
+    pub async fn database_outage(&self, service: &str, outage: Duration) -> anyhow::Result<()> {
+        let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", postgres_base())).await?;
+        let name = format!("sagatest_{}_{}", self.run_id, base_service(service));
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false")).execute(&admin).await?;
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&name)
+            .execute(&admin)
+            .await?;
+        tokio::time::sleep(outage).await;
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).execute(&admin).await?;
+        Ok(())
     }
 
     pub fn topic_prefix(&self) -> String {
@@ -134,17 +275,23 @@ impl System {
     }
 
     /// Starts (or restarts) one service's process.
-    pub fn spawn(&mut self, service: &'static str) -> anyhow::Result<()> {
+    pub fn spawn(&self, service: &'static str) -> anyhow::Result<()> {
         let database_url = self.database_url(service);
         let topic_prefix = self.topic_prefix();
-        let group = format!("{}-{}", self.run_id, service);
+        let group = format!("{}-{}", self.run_id, base_service(service));
+        let mut processes = self.processes();
+        processes.entry(service).or_insert_with(|| Process {
+            http_port: free_port(),
+            metrics_port: free_port(),
+            child: None,
+        });
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.log_dir.join(format!("{service}.log")))?;
-        let process = self.processes.get_mut(service).context("unknown service")?;
+        let process = processes.get_mut(service).context("unknown service")?;
         let mut command = Command::new(binary(service));
         command
             .env("DATABASE_URL", database_url)
-            .env("KAFKA_BROKERS", brokers())
+            .env("KAFKA_BROKERS", &self.brokers)
             .env("KAFKA_TOPIC_PREFIX", topic_prefix)
             .env("KAFKA_GROUP_ID", group)
             .env(
@@ -158,7 +305,7 @@ impl System {
             .env("LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
             .env("API_TOKENS", format!("admin:admin:{ADMIN_TOKEN},reader:read:{READ_TOKEN}"))
-            .envs(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k, v)))
+            .envs(self.env.iter().filter(|(s, _, _)| *s == base_service(service) || *s == service).map(|(_, k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
@@ -172,9 +319,9 @@ impl System {
     }
 
     /// Kills a service with SIGKILL: no shutdown, no final offset commit.
-    pub async fn kill(&mut self, service: &str) -> anyhow::Result<()> {
-        let process = self.processes.get_mut(service).context("unknown service")?;
-        if let Some(mut child) = process.child.take() {
+    pub async fn kill(&self, service: &str) -> anyhow::Result<()> {
+        let child = self.processes().get_mut(service).context("unknown service")?.child.take();
+        if let Some(mut child) = child {
             child.start_kill()?;
             child.wait().await?;
         }
@@ -196,12 +343,130 @@ impl System {
         ))
     }
 
+    /// The services whose process is running.
+    pub fn running(&self) -> Vec<&'static str> {
+        self.processes().iter().filter(|(_, p)| p.child.is_some()).map(|(s, _)| *s).collect()
+    }
+
+    /// The sum of a service's `kafka_consumer_lag` samples (0 before the first report).
+    pub async fn total_lag(&self, service: &str) -> anyhow::Result<f64> {
+        let text = self.http.get(self.metrics_url(service)).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("kafka_consumer_lag{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum())
+    }
+
+    /// Whether a service's process has exited (crashed) since it was started.
+    pub fn has_exited(&self, service: &str) -> bool {
+        let mut processes = self.processes();
+        match processes.get_mut(service).and_then(|p| p.child.as_mut()) {
+            Some(child) => matches!(child.try_wait(), Ok(Some(_))),
+            None => false,
+        }
+    }
+
+    /// Sets (or replaces) an environment variable for a service's next start.
+    pub fn set_env(&mut self, service: &'static str, name: &str, value: impl Into<String>) {
+        self.env.retain(|(s, k, _)| !(*s == service && k == name));
+        self.env.push((service, name.to_owned(), value.into()));
+    }
+
+    /// Every message now on one of this system's topics (name without the prefix), in partition
+    /// and offset order: (key, payload, headers).
+    pub async fn read_topic(&self, topic: &str) -> anyhow::Result<Vec<TopicMessage>> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let topic = format!("{}{topic}", self.topic_prefix());
+        let brokers = self.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "e2e-reader")
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let timeout = Duration::from_secs(10);
+            let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let mut list = rdkafka::TopicPartitionList::new();
+            let mut ends = BTreeMap::new();
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                let (low, high) = consumer.fetch_watermarks(&topic, partition.id(), timeout)?;
+                if high > low {
+                    list.add_partition_offset(&topic, partition.id(), rdkafka::Offset::Offset(low))?;
+                    ends.insert(partition.id(), high);
+                }
+            }
+            let mut out = Vec::new();
+            if ends.is_empty() {
+                return Ok(out);
+            }
+            consumer.assign(&list)?;
+            let started = Instant::now();
+            while !ends.is_empty() && started.elapsed() < Duration::from_secs(30) {
+                if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+                    let message = message?;
+                    let headers = message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| {
+                                    (
+                                        x.key.to_owned(),
+                                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    out.push(TopicMessage {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                    if ends.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
+                        ends.remove(&message.partition());
+                    }
+                }
+            }
+            out.sort_by_key(|m| (m.partition, m.offset));
+            Ok(out)
+        })
+        .await?
+    }
+
+    /// Publishes a raw message to one of this system's topics (name without the prefix).
+    pub async fn publish(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let mut owned = OwnedHeaders::new();
+        for (name, value) in headers {
+            owned = owned.insert(Header { key: name, value: Some(*value) });
+        }
+        let topic = format!("{}{topic}", self.topic_prefix());
+        let mut record = FutureRecord::<str, [u8]>::to(&topic).key(key).headers(owned);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
+        Ok(())
+    }
+
     pub fn metrics_url(&self, service: &str) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.processes[service].metrics_port)
+        format!("http://127.0.0.1:{}/metrics", self.processes()[service].metrics_port)
     }
 
     pub fn url(&self, service: &str, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.processes[service].http_port, path)
+        format!("http://127.0.0.1:{}{}", self.processes()[service].http_port, path)
     }
 
     pub async fn wait_ready(&self, service: &str, timeout: Duration) -> anyhow::Result<()> {
@@ -221,7 +486,7 @@ impl System {
 
     /// Scrapes one metric sample (exact name and labels as printed) from a service.
     pub async fn metric(&self, service: &str, sample: &str) -> anyhow::Result<f64> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.processes[service].metrics_port);
+        let url = format!("http://127.0.0.1:{}/metrics", self.processes()[service].metrics_port);
         let text = self.http.get(url).send().await?.text().await?;
         Ok(text
             .lines()
@@ -340,8 +605,13 @@ impl System {
 
     /// Stops every process and drops the run's databases.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        for service in SERVICES {
+        let running: Vec<&'static str> = self.processes().keys().copied().collect();
+        for service in running {
             self.kill(service).await?;
+        }
+        if let Some(mut broker) = self.broker.take() {
+            broker.start_kill()?;
+            broker.wait().await?;
         }
         let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", postgres_base())).await?;
         for service in SERVICES {

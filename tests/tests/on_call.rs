@@ -405,6 +405,8 @@ async fn the_openapi_document_lists_every_route_and_every_route_answers() -> any
         ("POST", "/api/v1/sagas/bulk-retry"),
         ("GET", "/api/v1/saga-definitions"),
         ("GET", "/api/v1/saga-definitions/{name}"),
+        ("GET", "/api/v1/dead-letters"),
+        ("POST", "/api/v1/dead-letters/replay"),
         ("GET", "/api/v1/openapi.json"),
     ]
     .map(|(m, p)| (m.to_owned(), p.to_owned()))
@@ -433,7 +435,7 @@ async fn the_openapi_document_lists_every_route_and_every_route_answers() -> any
 async fn a_saga_that_needs_attention_is_retried_once_under_double_submission_and_finishes_compensating(
 ) -> anyhow::Result<()> {
     // No payment service: the charge times out, its refund times out twice, and the saga parks.
-    let mut system = System::start_with(Options::default().test_definitions().skip("payment")).await?;
+    let system = System::start_with(Options::default().test_definitions().skip("payment")).await?;
     system.set_stock("SKU-ATT", 10).await?;
     let saga = system.start_saga("ops-fast", &charge_input("SKU-ATT", 3, "tok_visa"), "att-1").await?;
     let parked = system.wait_status(&saga, "NEEDS_ATTENTION", SETTLE).await?;
@@ -510,7 +512,7 @@ async fn a_saga_that_needs_attention_is_retried_once_under_double_submission_and
 #[tokio::test]
 async fn a_stuck_saga_is_aborted_or_retried_and_nothing_is_applied_twice() -> anyhow::Result<()> {
     // No payment service and minute-long timeouts: sagas wait at the charge.
-    let mut system = System::start_with(Options::default().test_definitions().skip("payment")).await?;
+    let system = System::start_with(Options::default().test_definitions().skip("payment")).await?;
     system.set_stock("SKU-STUCK", 10).await?;
     let to_abort = system.start_saga("ops-slow", &charge_input("SKU-STUCK", 2, "tok_visa"), "stuck-abort").await?;
     let to_retry = system.start_saga("ops-slow", &charge_input("SKU-STUCK", 3, "tok_visa"), "stuck-retry").await?;
@@ -582,7 +584,7 @@ async fn a_stuck_saga_is_aborted_or_retried_and_nothing_is_applied_twice() -> an
 
 #[tokio::test]
 async fn bulk_retry_shows_what_it_would_touch_and_retries_at_most_its_limit() -> anyhow::Result<()> {
-    let mut system = System::start_with(Options::default().test_definitions().skip("payment")).await?;
+    let system = System::start_with(Options::default().test_definitions().skip("payment")).await?;
     system.set_stock("SKU-BULK", 10).await?;
     let mut sagas = Vec::new();
     for i in 0..3 {

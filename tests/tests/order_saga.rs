@@ -220,7 +220,7 @@ async fn the_same_order_placed_twice_with_one_key_is_one_order_and_one_saga() ->
 #[tokio::test]
 async fn sagas_in_flight_when_the_orchestrator_is_killed_all_finish_after_a_restart_with_nothing_applied_twice(
 ) -> anyhow::Result<()> {
-    let mut system = System::start().await?;
+    let system = System::start().await?;
     system.set_stock("SKU-KILL", 1000).await?;
     let mut sagas = Vec::new();
     for i in 0..24 {
@@ -319,8 +319,7 @@ async fn a_reply_delivered_twice_causes_one_transition() -> anyhow::Result<()> {
         .set("bootstrap.servers", std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()))
         .create()?;
     let topic = format!("{}saga-replies", system.topic_prefix());
-    let ignored_before =
-        system.metric("orchestrator", "saga_replies_ignored_total{reason=\"unexpected_reply\"}").await?;
+    let ignored_before = system.metric("orchestrator", "saga_replies_ignored_total{reason=\"duplicate\"}").await?;
     for _ in 0..2 {
         producer
             .send(FutureRecord::to(&topic).key(&saga_id).payload(&reply), Duration::from_secs(10))
@@ -328,7 +327,7 @@ async fn a_reply_delivered_twice_causes_one_transition() -> anyhow::Result<()> {
             .map_err(|(e, _)| e)?;
     }
     let started = std::time::Instant::now();
-    while system.metric("orchestrator", "saga_replies_ignored_total{reason=\"unexpected_reply\"}").await?
+    while system.metric("orchestrator", "saga_replies_ignored_total{reason=\"duplicate\"}").await?
         < ignored_before + 1.0
     {
         assert!(started.elapsed() < Duration::from_secs(30), "the duplicate was never counted as ignored");

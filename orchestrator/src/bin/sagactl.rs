@@ -174,6 +174,53 @@ enum Command {
     Audit { id: String },
     /// The loaded saga definitions.
     Definitions,
+    /// Dead letters: messages a consumer could not apply, and their replay.
+    #[command(subcommand)]
+    Dlq(Dlq),
+}
+
+#[derive(Debug, Subcommand)]
+enum Dlq {
+    /// Dead letters of every consumer, newest first: where from, why, and whether replayed.
+    List {
+        /// One dead-letter topic (e.g. saga-replies.dlq, or its source saga-replies).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this reason (invalid_json, unknown_saga, keeps_failing, ...).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only those not replayed yet.
+        #[arg(long, conflicts_with = "replayed")]
+        pending: bool,
+        /// Only those already replayed.
+        #[arg(long)]
+        replayed: bool,
+        /// Most to show (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Re-publish dead letters to their source topic once the cause is fixed.
+    Replay {
+        /// Dead letter ids as listed (topic/partition@offset).
+        #[arg(required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Every dead letter not replayed yet (at most 500), optionally of --topic and --reason-code.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(long, requires = "all")]
+        topic: Option<String>,
+        #[arg(long, requires = "all")]
+        reason_code: Option<String>,
+        /// Why, for the record (required unless --dry-run).
+        #[arg(long, required_unless_present = "dry_run")]
+        reason: Option<String>,
+        /// Replay again those replayed before.
+        #[arg(long)]
+        force: bool,
+        /// Only show what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -452,6 +499,50 @@ fn render_definitions(list: &Value) -> String {
     )
 }
 
+fn render_dead_letters(page: &Value) -> String {
+    let mut out = table(
+        &["ID", "DEAD-LETTERED AT", "SERVICE", "SOURCE", "REASON", "ERROR", "REPLAYED"],
+        page["items"].as_array().into_iter().flatten().map(|d| {
+            let mut error = text(&d["error"]);
+            if error.chars().count() > 80 {
+                error = format!("{}…", error.chars().take(80).collect::<String>());
+            }
+            vec![
+                text(&d["id"]),
+                text(&d["dead_lettered_at"]),
+                text(&d["service"]),
+                format!("{}/{}@{}", text(&d["source_topic"]), text(&d["source_partition"]), text(&d["source_offset"])),
+                text(&d["reason"]),
+                error,
+                match d["replayed"].as_object() {
+                    Some(r) => format!("{} by {}", text(&r["replayed_at"]), text(&r["actor"])),
+                    None => String::new(),
+                },
+            ]
+        }),
+    );
+    out.push_str(&format!("\n{} dead letter(s)", text(&page["count"])));
+    out
+}
+
+fn render_replay(result: &Value) -> String {
+    let mut out = table(
+        &["ID", "RESULT", "DETAIL"],
+        result["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| vec![text(&i["id"]), text(&i["result"]), text(&i["detail"])]),
+    );
+    out.push_str(&format!(
+        "\n{}replayed {}, skipped {}",
+        if result["dry_run"] == true { "dry run: " } else { "" },
+        text(&result["replayed"]),
+        text(&result["skipped"])
+    ));
+    out
+}
+
 async fn run(cli: Cli) -> Result<String, Failure> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(cli.timeout))
@@ -493,6 +584,20 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         }
         Command::Audit { id } => (client.get(&format!("/api/v1/sagas/{id}/audit"), &[]).await?, render_audit),
         Command::Definitions => (client.get("/api/v1/saga-definitions", &[]).await?, render_definitions),
+        Command::Dlq(Dlq::List { topic, reason, pending, replayed, limit }) => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(topic.map(|t| ("topic", t)));
+            query.extend(reason.map(|r| ("reason", r)));
+            if pending || replayed {
+                query.push(("replayed", replayed.to_string()));
+            }
+            (client.get("/api/v1/dead-letters", &query).await?, render_dead_letters)
+        }
+        Command::Dlq(Dlq::Replay { ids, all, topic, reason_code, reason, force, dry_run }) => {
+            let body = json!({"ids": ids, "all": all, "topic": topic, "reason_code": reason_code,
+                "reason": reason, "force": force, "dry_run": dry_run});
+            (client.post("/api/v1/dead-letters/replay", &body, None).await?, render_replay)
+        }
     };
     Ok(match cli.output {
         Output::Json => serde_json::to_string_pretty(&body).unwrap_or_default(),

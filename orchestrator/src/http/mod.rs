@@ -3,6 +3,7 @@
 //! routes that exist.
 
 pub(crate) mod auth;
+mod dead_letters;
 mod definitions;
 mod error;
 mod operations;
@@ -36,6 +37,7 @@ pub(crate) struct AppState {
     pub(crate) pool: PgPool,
     pub(crate) engine: Arc<Engine>,
     pub(crate) redact: Arc<Vec<String>>,
+    pub(crate) dead_letters: Arc<crate::dead_letters::DeadLetters>,
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -53,6 +55,7 @@ pub(crate) const BODY_LIMIT: usize = 256 * 1024;
         (name = "sagas", description = "Start, list, inspect and count sagas"),
         (name = "operations", description = "Retry and abort sagas, with an audit log"),
         (name = "definitions", description = "The loaded saga definitions"),
+        (name = "dead-letters", description = "Messages no consumer could apply, and their replay"),
     )
 )]
 struct ApiDoc;
@@ -81,6 +84,8 @@ fn api() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(operations::audit))
         .routes(routes!(definitions::list))
         .routes(routes!(definitions::show))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::replay))
         .split_for_parts()
 }
 

@@ -63,7 +63,7 @@ impl From<(&Operation, &Operated)> for ActionResult {
     }
 }
 
-fn reason(reason: &str) -> Result<String, ApiError> {
+pub(super) fn reason(reason: &str) -> Result<String, ApiError> {
     let reason = reason.trim();
     if reason.is_empty() || reason.chars().count() > MAX_REASON_LEN {
         return Err(ApiError::BadRequest(format!("reason must have 1 to {MAX_REASON_LEN} characters")));

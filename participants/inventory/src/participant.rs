@@ -33,6 +33,12 @@ impl Participant for Inventory {
                     Ok(order) => order,
                     Err(refusal) => return Ok(refusal),
                 };
+                if let Some(item) = order.items.iter().find(|i| i.quantity <= 0) {
+                    return Ok(Outcome::Refused(StepError::business(
+                        codes::INVALID_COMMAND,
+                        format!("{}: quantity must be 1 or more, not {}", item.sku, item.quantity),
+                    )));
+                }
                 // One line per SKU, in SKU order, so concurrent reservations lock rows in the same order.
                 let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
                 for item in &order.items {

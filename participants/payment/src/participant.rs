@@ -68,6 +68,13 @@ impl Participant for Payments {
                 Ok(Outcome::Done(json!({"charged_cents": charge.total_cents, "currency": charge.currency})))
             }
             "refund_payment" => {
+                let token = command.input.get("payment_token").and_then(|t| t.as_str()).unwrap_or_default();
+                if !gateway::refund(&self.gateway, saga_id, token).await? {
+                    return Ok(Outcome::Transient(StepError::transient(
+                        codes::PAYMENT_GATEWAY_TIMEOUT,
+                        "the payment gateway did not answer the refund in time",
+                    )));
+                }
                 let refunded: Option<(Uuid, i64)> = sqlx::query_as(
                     "UPDATE payments SET status = 'REFUNDED', refunded_at = now()
                      WHERE saga_id = $1 AND status = 'CHARGED' RETURNING order_id, amount_cents",

@@ -50,9 +50,18 @@ pub struct KafkaConfig {
     /// Most messages consumed and applied in one database transaction.
     #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = 200)]
     pub kafka_batch_size: usize,
+    /// Times one consumed message may fail to apply, while the database answers, before it is
+    /// dead-lettered to `<topic>.dlq` (failures while the database is away do not count).
+    #[arg(long, env = "CONSUMER_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub consumer_max_failures: u32,
 }
 
 impl KafkaConfig {
+    /// The consumer's batching and dead-lettering settings.
+    pub fn consumer_settings(&self) -> crate::consumer::Settings {
+        crate::consumer::Settings { batch_size: self.kafka_batch_size, max_failures: self.consumer_max_failures }
+    }
+
     /// The full name of a topic, with the configured prefix.
     pub fn topic(&self, name: &str) -> String {
         format!("{}{}", self.kafka_topic_prefix, name)

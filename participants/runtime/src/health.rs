@@ -74,15 +74,16 @@ pub fn problem(status: axum::http::StatusCode, kind: &str, detail: String) -> ax
 }
 
 /// Middleware (`axum::middleware::map_response(health::problem_responses)`): turns every error
-/// response that is not already `application/problem+json` (unknown route, wrong method, body
-/// too large, an extractor's rejection) into one, keeping its status and headers.
+/// response without a JSON body (unknown route, wrong method, body too large, an extractor's
+/// rejection) into `application/problem+json`, keeping its status and headers.
 pub async fn problem_responses(response: axum::response::Response) -> axum::response::Response {
     let status = response.status();
-    let is_problem = response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+    // A JSON body was written on purpose (a problem, or /ready's checks saying what is down):
+    // keep it. Only plain-text or empty error bodies (axum's rejections) are rewritten.
+    let is_json = response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes().starts_with(b"application/problem+json") || v.as_bytes().starts_with(b"application/json")
+    });
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
     let (parts, body) = response.into_parts();

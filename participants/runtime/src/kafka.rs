@@ -119,3 +119,17 @@ pub async fn broker_reachable(producer: &FutureProducer, timeout: Duration) -> b
     let producer = producer.clone();
     tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
 }
+
+/// A plain consumer outside any group, for reading topics by offset (dead letters): it never
+/// joins a group or commits, and reports the end of each partition.
+pub fn reader(config: &KafkaConfig, client_id: &str) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {
+    let mut client = base(config);
+    set_all(&mut client, &config.kafka_consumer_properties);
+    client
+        .set("group.id", client_id)
+        .set("client.id", client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true");
+    client.create()
+}

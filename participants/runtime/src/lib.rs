@@ -8,6 +8,8 @@
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dead_letter;
+pub mod faults;
 pub mod health;
 pub mod kafka;
 pub mod outbox;

@@ -23,8 +23,22 @@ pub struct OutboxMessage {
     pub topic: String,
     /// The Kafka key; the saga id, so that one saga's messages stay in order on one partition.
     pub key: String,
-    pub message_type: &'static str,
-    pub payload: serde_json::Value,
+    /// Published as the `message-type` header, with `schema-version`; `None` adds neither (a dead
+    /// letter keeps the original's headers instead).
+    pub message_type: Option<&'static str>,
+    pub payload: Payload,
+    /// Extra Kafka headers, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// What an outbox message carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// One of our message contracts.
+    Json(serde_json::Value),
+    /// Bytes published exactly as they are (a dead letter's original, which may not be JSON),
+    /// or no payload at all.
+    Raw(Option<Vec<u8>>),
 }
 
 impl OutboxMessage {
@@ -32,8 +46,9 @@ impl OutboxMessage {
         Self {
             topic,
             key: key.to_string(),
-            message_type,
-            payload: serde_json::to_value(payload).expect("message contracts serialise to JSON"),
+            message_type: Some(message_type),
+            payload: Payload::Json(serde_json::to_value(payload).expect("message contracts serialise to JSON")),
+            headers: Vec::new(),
         }
     }
 }
@@ -45,16 +60,33 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> sqlx
     }
     let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
-    let types: Vec<&str> = messages.iter().map(|m| m.message_type).collect();
-    let payloads: Vec<&serde_json::Value> = messages.iter().map(|m| &m.payload).collect();
+    let types: Vec<Option<&str>> = messages.iter().map(|m| m.message_type).collect();
+    let payloads: Vec<Option<&serde_json::Value>> = messages
+        .iter()
+        .map(|m| match &m.payload {
+            Payload::Json(value) => Some(value),
+            Payload::Raw(_) => None,
+        })
+        .collect();
+    let raws: Vec<Option<&[u8]>> = messages
+        .iter()
+        .map(|m| match &m.payload {
+            Payload::Raw(bytes) => bytes.as_deref(),
+            Payload::Json(_) => None,
+        })
+        .collect();
+    let headers: Vec<sqlx::types::Json<&[(String, String)]>> =
+        messages.iter().map(|m| sqlx::types::Json(m.headers.as_slice())).collect();
     sqlx::query(
-        "INSERT INTO outbox (topic, message_key, message_type, payload)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[])",
+        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::jsonb[])",
     )
     .bind(topics)
     .bind(keys)
     .bind(types)
     .bind(payloads)
+    .bind(raws)
+    .bind(headers)
     .execute(conn)
     .await?;
     Ok(())
@@ -79,15 +111,17 @@ struct Row {
     id: i64,
     topic: String,
     message_key: String,
-    message_type: String,
-    payload: String,
+    message_type: Option<String>,
+    payload: Option<String>,
+    raw_payload: Option<Vec<u8>>,
+    headers: sqlx::types::Json<Vec<(String, String)>>,
 }
 
 /// Publishes one batch. Returns how many messages were published.
 pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, topic, message_key, message_type, payload::text AS payload
+        "SELECT id, topic, message_key, message_type, payload::text AS payload, raw_payload, headers
          FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(batch_size)
@@ -98,11 +132,22 @@ pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size:
     }
     let started = Instant::now();
     let schema_version = SCHEMA_VERSION.to_string();
+    crate::faults::crash_point!("outbox.before_publish");
     let sends = rows.iter().map(|row| {
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(row.message_type.as_str()) })
-            .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version.as_str()) });
-        let record = FutureRecord::to(&row.topic).key(&row.message_key).payload(&row.payload).headers(headers);
+        let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len());
+        if let Some(message_type) = &row.message_type {
+            headers = headers
+                .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(message_type.as_str()) })
+                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version.as_str()) });
+        }
+        for (name, value) in row.headers.iter() {
+            headers = headers.insert(Header { key: name, value: Some(value.as_str()) });
+        }
+        let payload: Option<&[u8]> = row.raw_payload.as_deref().or(row.payload.as_deref().map(str::as_bytes));
+        let mut record = FutureRecord::<str, [u8]>::to(&row.topic).key(&row.message_key).headers(headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         producer.send(record, Duration::from_secs(30))
     });
     for result in futures::future::join_all(sends).await {
@@ -111,6 +156,7 @@ pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size:
             anyhow::bail!("publishing the outbox batch failed: {error}");
         }
     }
+    crate::faults::crash_point!("outbox.after_publish");
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
     tx.commit().await?;

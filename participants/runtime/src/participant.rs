@@ -24,6 +24,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::config::{DatabaseConfig, KafkaConfig, OutboxConfig, TelemetryConfig};
 use crate::consumer::{BatchHandler, Record};
+use crate::dead_letter;
 use crate::outbox::{self, OutboxMessage};
 
 /// What a participant's business logic decided.
@@ -59,13 +60,18 @@ fn describe_metrics() {
         COMMANDS,
         "Commands handled, by action, kind and result (succeeded, refused, transient, replayed)"
     );
-    describe_counter!(REJECTED, "Messages on the commands topic that could not be read as a command, by reason");
+    describe_counter!(
+        REJECTED,
+        "Messages on the commands topic that could not be read as a command (and were dead-lettered), by reason"
+    );
 }
 
 /// Applies batches of commands for one participant.
 pub struct CommandHandler<P> {
     pub pool: PgPool,
     pub participant: P,
+    /// The service's name (`payment-service`), recorded on its dead letters.
+    pub service: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,23 +120,37 @@ pub fn parse_command(record: &Record) -> Result<CommandEnvelope, BadCommand> {
 impl<P: Participant> BatchHandler for CommandHandler<P> {
     async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        let mut replies = Vec::with_capacity(records.len());
+        let mut messages = Vec::with_capacity(records.len());
+        let mut rejected = Vec::new();
         for record in records {
             let command = match parse_command(record) {
                 Ok(command) => command,
                 Err(error) => {
-                    // A later issue sends these to a dead-letter topic; for now they are logged and counted.
-                    tracing::warn!(position = record.position(), %error, "skipping a message that is not a command");
-                    counter!(REJECTED, "reason" => error.label()).increment(1);
+                    let reason = dead_letter::Reason::new(error.label(), &error);
+                    messages.push(dead_letter::message(&self.service, record, &reason));
+                    rejected.push((record.topic.as_str(), error.label()));
                     continue;
                 }
             };
             let reply = self.process(&mut tx, &command).await?;
-            replies.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
+            messages.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
         }
-        outbox::insert(&mut tx, &replies).await?;
+        outbox::insert(&mut tx, &messages).await?;
+        crate::crash_point!("participant.after_handle");
         tx.commit().await?;
+        for (topic, label) in rejected {
+            counter!(REJECTED, "reason" => label).increment(1);
+            dead_letter::count(topic, label);
+        }
         Ok(())
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn service(&self) -> &str {
+        &self.service
     }
 }
 
@@ -280,6 +300,7 @@ pub async fn run<P: Participant>(
 ) -> anyhow::Result<()> {
     let name = P::NAME;
     crate::telemetry::init_logs(&config.telemetry);
+    crate::faults::setup()?;
     crate::telemetry::serve_metrics(config.metrics_addr)?;
     describe_metrics();
     let pool = crate::db::connect(
@@ -290,7 +311,7 @@ pub async fn run<P: Participant>(
     let topic = config.kafka.topic(&commands_topic(name));
     crate::kafka::ensure_topics(
         &config.kafka,
-        &[topic.clone(), config.kafka.topic(saga_defs::contract::REPLIES_TOPIC)],
+        &[topic.clone(), dead_letter::topic_of(&topic), config.kafka.topic(saga_defs::contract::REPLIES_TOPIC)],
     )
     .await?;
     let producer = crate::kafka::producer(&config.kafka, &format!("{name}-service"))?;
@@ -301,11 +322,15 @@ pub async fn run<P: Participant>(
     let relay =
         tokio::spawn(outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()));
     let gauges = tokio::spawn(outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
-    let handler = CommandHandler { pool: pool.clone(), participant: participant(pool.clone()) };
-    let batch_size = config.kafka.kafka_batch_size;
+    let handler = CommandHandler {
+        pool: pool.clone(),
+        participant: participant(pool.clone()),
+        service: format!("{name}-service"),
+    };
+    let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
     let consuming = tokio::spawn(async move {
-        crate::consumer::run(&consumer, batch_size, &handler, consumer_shutdown).await;
+        crate::consumer::run(&consumer, settings, &handler, consumer_shutdown).await;
     });
 
     let readiness = crate::health::Readiness { service: name, pool: pool.clone(), producer };

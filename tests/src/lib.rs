@@ -2,9 +2,10 @@
 //! against the real Postgres and broker. Each [`System`] gets its own databases, topic prefix and
 //! consumer groups, so tests run side by side without seeing each other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,6 +16,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 pub mod faults;
+pub mod proxy;
 
 pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
 
@@ -81,8 +83,14 @@ fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("SAGA_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").to_path_buf()
+    // A test runs from target/<profile>/deps/, the chaos runner from target/<profile>/.
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 fn binary(service: &str) -> PathBuf {
@@ -92,8 +100,26 @@ fn binary(service: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// A port for a service to listen on. Not from the kernel's ephemeral range: a port found free
+/// with `bind(0)` and released can be handed out again, to the next `bind(0)` or to an outgoing
+/// connection, before the service binds it (seen: two services of one system given one port).
+/// So: a random port below that range, never one this process handed out before, and free now.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = if ephemeral_low > 12_000 { (10_000, ephemeral_low) } else { (ephemeral_low / 2, ephemeral_low) };
+    let mut handed_out = HANDED_OUT.lock().expect("port registry");
+    for _ in 0..1000 {
+        let port = rand::random_range(low..high);
+        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high} after 1000 tries");
 }
 
 struct Process {
@@ -125,11 +151,13 @@ impl TopicMessage {
 /// A whole running system.
 pub struct System {
     pub run_id: String,
-    processes: std::sync::Mutex<BTreeMap<&'static str, Process>>,
+    processes: Mutex<BTreeMap<&'static str, Process>>,
     /// The broker address this system's services use.
     pub brokers: String,
     /// This system's own broker, when it has one.
     broker: Option<Child>,
+    /// The proxy its clients reach that broker through.
+    broker_proxy: Option<proxy::Proxy>,
     /// Sends the admin token to every service.
     pub http: reqwest::Client,
     log_dir: PathBuf,
@@ -157,9 +185,10 @@ impl System {
         let http = reqwest::Client::builder().default_headers(headers).build()?;
         let mut system = System {
             run_id,
-            processes: std::sync::Mutex::new(BTreeMap::new()),
+            processes: Mutex::new(BTreeMap::new()),
             brokers: brokers(),
             broker: None,
+            broker_proxy: None,
             http,
             log_dir,
             env: options.env,
@@ -190,14 +219,17 @@ impl System {
         format!("{}/sagatest_{}_{}", postgres_base(), self.run_id, base_service(service))
     }
 
-    /// Starts a Tansu broker of this system's own on a free port.
+    /// Starts a Tansu broker of this system's own on a free port, behind a proxy that
+    /// [`System::cut_broker_connections`] can cut; the broker advertises the proxy's address.
     async fn start_broker(&mut self) -> anyhow::Result<()> {
         let port = free_port();
-        let address = format!("tcp://127.0.0.1:{port}");
+        let listener = format!("127.0.0.1:{port}");
+        let proxy = proxy::Proxy::start(listener.clone()).await?;
+        let advertised = format!("tcp://127.0.0.1:{}", proxy.port);
         let log = std::fs::File::create(self.log_dir.join("tansu.log"))?;
         let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".to_owned());
         let child = Command::new(&tansu)
-            .args(["broker", "--listener-url", &address, "--advertised-listener-url", &address])
+            .args(["broker", "--listener-url", &format!("tcp://{listener}"), "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -205,14 +237,22 @@ impl System {
             .spawn()
             .with_context(|| format!("cannot start {tansu} (install it: cargo install tansu --locked --version 0.6.0 --features dynostore)"))?;
         self.broker = Some(child);
-        self.brokers = format!("127.0.0.1:{port}");
+        self.brokers = format!("127.0.0.1:{}", proxy.port);
+        self.broker_proxy = Some(proxy);
         let started = Instant::now();
-        while tokio::net::TcpStream::connect(&self.brokers).await.is_err() {
+        while tokio::net::TcpStream::connect(&listener).await.is_err() {
             if started.elapsed() > Duration::from_secs(30) {
-                bail!("the private broker did not listen on {} within 30 s", self.brokers);
+                bail!("the private broker did not listen on {listener} within 30 s");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        Ok(())
+    }
+
+    /// Closes every client connection to the private broker and refuses new ones for `outage`:
+    /// what clients see when a broker restarts, without the in-memory broker losing its data.
+    pub fn cut_broker_connections(&self, outage: Duration) -> anyhow::Result<()> {
+        self.broker_proxy.as_ref().context("only a private broker can be cut off")?.cut(outage);
         Ok(())
     }
 

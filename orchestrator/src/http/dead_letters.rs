@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
 use super::error::Problem;
+use super::operations::{parse_body, reason_unless_dry_run};
 use super::params::{self, MAX_LIMIT};
 use super::{ApiError, AppState};
 use crate::dead_letters::{self, DeadLetter, Raw};
@@ -163,17 +164,12 @@ pub(crate) async fn replay(
     Extension(principal): Extension<Principal>,
     body: Bytes,
 ) -> Result<Json<ReplayResult>, ApiError> {
-    let body: ReplayBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "the body must be {{\"ids\": [\"topic/partition@offset\"]}} or {{\"all\": true, \"topic\"?, \"reason_code\"?}}, \
-             with \"reason\", \"force\"?, \"dry_run\"?: {e}"
-        ))
-    })?;
-    let reason = match (&body.reason, body.dry_run) {
-        (Some(r), _) => super::operations::reason(r)?,
-        (None, true) => String::new(),
-        (None, false) => return Err(ApiError::BadRequest("reason is required unless dry_run is true".into())),
-    };
+    let body: ReplayBody = parse_body(
+        &body,
+        "{\"ids\": [\"topic/partition@offset\"]} or {\"all\": true, \"topic\"?, \"reason_code\"?}, \
+         with \"reason\", \"force\"?, \"dry_run\"?",
+    )?;
+    let reason = reason_unless_dry_run(body.reason.as_deref(), body.dry_run)?;
     let mut letters = match (body.all, body.ids.is_empty()) {
         (true, true) => {
             let selection = Selection {

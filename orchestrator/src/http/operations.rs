@@ -71,7 +71,16 @@ pub(super) fn reason(reason: &str) -> Result<String, ApiError> {
     Ok(reason.to_owned())
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
+/// The reason of an action that may be a dry run, which needs none.
+pub(super) fn reason_unless_dry_run(given: Option<&str>, dry_run: bool) -> Result<String, ApiError> {
+    match (given, dry_run) {
+        (Some(given), _) => reason(given),
+        (None, true) => Ok(String::new()),
+        (None, false) => Err(ApiError::BadRequest("reason is required unless dry_run is true".into())),
+    }
+}
+
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
 }
 
@@ -284,11 +293,7 @@ pub(crate) async fn bulk_retry(
     if filter.statuses.is_empty() {
         filter.statuses.push("NEEDS_ATTENTION".to_owned());
     }
-    let reason = match (&request.reason, request.dry_run) {
-        (Some(r), _) => reason(r)?,
-        (None, true) => String::new(),
-        (None, false) => return Err(ApiError::BadRequest("reason is required unless dry_run is true".into())),
-    };
+    let reason = reason_unless_dry_run(request.reason.as_deref(), request.dry_run)?;
     let hash = request_hash("BULK_RETRY", &body);
     let engine = state.engine.clone();
     let actor = principal.name.clone();

@@ -1,16 +1,19 @@
 //! Kafka clients built from [`KafkaConfig`]: our defaults first, then the pass-through properties,
 //! so every librdkafka setting can be overridden.
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
 
 use crate::config::KafkaConfig;
 
@@ -45,27 +48,96 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
 /// overridden): messages between the partition's end and the group's committed offset.
 pub const CONSUMER_LAG: &str = "kafka_consumer_lag";
 
-/// Reports each assigned partition's lag as `kafka_consumer_lag{group, topic, partition}`.
+/// Reports each assigned partition's lag as `kafka_consumer_lag{group, topic, partition}`, and
+/// logs rebalances and failed commits.
 pub struct LagContext {
     group: String,
+    /// The partitions whose lag this member has reported.
+    reported: Mutex<BTreeSet<(String, i32)>>,
+}
+
+impl LagContext {
+    fn new(group: &str) -> Self {
+        Self { group: group.to_owned(), reported: Mutex::new(BTreeSet::new()) }
+    }
+}
+
+/// One partition of a statistics report: topic, partition, assigned to this member (librdkafka's
+/// `desired`), and its lag (-1 when not known).
+type PartitionReport = (String, i32, bool, i64);
+
+fn partition_reports(statistics: &Statistics) -> Vec<PartitionReport> {
+    statistics
+        .topics
+        .iter()
+        .flat_map(|(topic, stats)| {
+            stats.partitions.values().map(|p| (topic.clone(), p.partition, p.desired, p.consumer_lag))
+        })
+        .collect()
+}
+
+/// The lag samples one statistics report gives: each partition this member is assigned with a
+/// known lag, and 0 for each partition it reported before and is no longer assigned. librdkafka
+/// keeps a revoked partition in its statistics with the lag it had when it was revoked; reporting
+/// that would show a lag that nobody will ever consume away. An assigned partition whose lag is
+/// not known yet (-1) keeps its last sample.
+fn lag_samples(report: Vec<PartitionReport>, reported: &mut BTreeSet<(String, i32)>) -> Vec<(String, i32, i64)> {
+    let mut samples = Vec::new();
+    let mut assigned = BTreeSet::new();
+    // Partition -1 is librdkafka's internal unassigned queue.
+    for (topic, partition, _, lag) in report.into_iter().filter(|&(_, partition, desired, _)| partition >= 0 && desired)
+    {
+        assigned.insert((topic.clone(), partition));
+        if lag >= 0 {
+            reported.insert((topic.clone(), partition));
+            samples.push((topic, partition, lag));
+        }
+    }
+    reported.retain(|(topic, partition)| {
+        let still = assigned.contains(&(topic.clone(), *partition));
+        if !still {
+            samples.push((topic.clone(), *partition, 0));
+        }
+        still
+    });
+    samples
 }
 
 impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
-        for (topic, stats) in statistics.topics {
-            for (partition, p) in stats.partitions {
-                // Partition -1 is librdkafka's internal unassigned queue; -1 lag means unknown.
-                if partition < 0 || p.consumer_lag < 0 {
-                    continue;
-                }
-                metrics::gauge!(CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
-            }
+        let samples =
+            lag_samples(partition_reports(&statistics), &mut self.reported.lock().unwrap_or_else(|e| e.into_inner()));
+        for (topic, partition, lag) in samples {
+            metrics::gauge!(CONSUMER_LAG, "group" => self.group.clone(), "topic" => topic, "partition" => partition.to_string())
+                .set(lag as f64);
         }
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let describe = |list: &TopicPartitionList| {
+            list.elements().iter().map(|e| format!("{}/{}", e.topic(), e.partition())).collect::<Vec<_>>().join(", ")
+        };
+        match rebalance {
+            Rebalance::Assign(list) => {
+                tracing::info!(group = %self.group, partitions = %describe(list), "partitions assigned")
+            }
+            Rebalance::Revoke(list) => {
+                tracing::info!(group = %self.group, partitions = %describe(list), "partitions revoked")
+            }
+            Rebalance::Error(error) => tracing::warn!(group = %self.group, %error, "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            // Retried by the next auto-commit; a revoked partition's new owner resumes from the
+            // last committed offset and its handlers deduplicate.
+            tracing::warn!(group = %self.group, %error, offsets = offsets.count(), "committing offsets failed");
+        }
+    }
+}
 
 /// The consumer every service uses.
 pub type GroupConsumer = StreamConsumer<LagContext>;
@@ -85,7 +157,7 @@ pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Resu
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000");
     set_all(&mut client, &config.kafka_consumer_properties);
-    let consumer: GroupConsumer = client.create_with_context(LagContext { group: group_id.to_owned() })?;
+    let consumer: GroupConsumer = client.create_with_context(LagContext::new(group_id))?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
@@ -132,4 +204,42 @@ pub fn reader(config: &KafkaConfig, client_id: &str) -> Result<rdkafka::consumer
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true");
     client.create()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(parts: &[(&str, i32, bool, i64)]) -> Vec<PartitionReport> {
+        parts.iter().map(|&(t, p, d, l)| (t.to_owned(), p, d, l)).collect()
+    }
+
+    #[test]
+    fn a_revoked_partition_stops_reporting_its_last_lag() {
+        let mut reported = BTreeSet::new();
+        let first = lag_samples(
+            report(&[("replies", 0, true, 3), ("replies", 1, true, 1), ("replies", -1, false, 0)]),
+            &mut reported,
+        );
+        assert_eq!(first, vec![("replies".to_owned(), 0, 3), ("replies".to_owned(), 1, 1)]);
+
+        // Partition 1 moved to another member; librdkafka still lists it with its old lag.
+        let second = lag_samples(report(&[("replies", 0, true, 0), ("replies", 1, false, 1)]), &mut reported);
+        assert_eq!(second, vec![("replies".to_owned(), 0, 0), ("replies".to_owned(), 1, 0)]);
+
+        // Said once: a partition given away is not reported again until it comes back.
+        let third = lag_samples(report(&[("replies", 0, true, 0), ("replies", 1, false, 1)]), &mut reported);
+        assert_eq!(third, vec![("replies".to_owned(), 0, 0)]);
+        let back = lag_samples(report(&[("replies", 1, true, 2)]), &mut reported);
+        assert_eq!(back, vec![("replies".to_owned(), 1, 2), ("replies".to_owned(), 0, 0)]);
+    }
+
+    #[test]
+    fn an_assigned_partition_with_an_unknown_lag_keeps_its_last_sample() {
+        let mut reported = BTreeSet::new();
+        lag_samples(report(&[("commands", 0, true, 4)]), &mut reported);
+        let unknown = lag_samples(report(&[("commands", 0, true, -1)]), &mut reported);
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert!(reported.contains(&("commands".to_owned(), 0)));
+    }
 }

@@ -58,7 +58,11 @@ async fn main() -> anyhow::Result<()> {
                 let mut rng = rand::rng();
                 (rng.random_range(4.0..12.0), rng.random_range(0..100u32), rng.random_range(1.0..4.0))
             };
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            // Faults stop with the orders: the wait ends early when the last order is placed.
+            let next = Instant::now() + Duration::from_secs_f64(wait);
+            while Instant::now() < next && !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             if stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -96,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
             system.spawn(service)?;
         }
     }
+    // Drain is timed from here: the last order placed and the fault in hand (if any) over.
     let quiet = Instant::now();
+    let load_ended = started_at().elapsed().as_secs_f64();
     let drained = faults::settle(&system, &placed, Duration::from_secs(600)).await;
     let drain = quiet.elapsed();
     let expect = Expect { min_good_completed: 0.9, ..Expect::default() };
@@ -111,7 +117,10 @@ async fn main() -> anyhow::Result<()> {
     for (kind, n) in injected.lock().unwrap().iter() {
         println!("  {kind:<22} {n}");
     }
-    println!("time to drain            {:.1} s after the faults stopped", drain.as_secs_f64());
+    println!(
+        "time to drain            {:.1} s after the last order and fault ({load_ended:.1} s)",
+        drain.as_secs_f64()
+    );
     println!("invariant violations     {}", report.violations.len());
     for violation in &report.violations {
         println!("  {violation}");

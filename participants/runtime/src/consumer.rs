@@ -88,6 +88,8 @@ pub(crate) fn describe_metrics() {
     describe_counter!(CONSUMED, "Messages consumed and applied, by topic");
     describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to apply one batch of consumed messages");
     describe_counter!(BATCH_FAILURES, "Batches whose transaction failed and was retried");
+    // At zero from the start, so that `rate()` and alerts see the first failure.
+    metrics::counter!(BATCH_FAILURES).increment(0);
     crate::dead_letter::describe_metrics();
     metrics::describe_gauge!(
         crate::kafka::CONSUMER_LAG,

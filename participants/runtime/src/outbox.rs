@@ -104,6 +104,9 @@ pub(crate) fn describe_metrics() {
     describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to publish one outbox batch");
     describe_gauge!(PENDING, "Messages waiting in the outbox");
     describe_gauge!(OLDEST_AGE, metrics::Unit::Seconds, "Age of the oldest message waiting in the outbox");
+    // At zero from the start, so that `rate()` and alerts see the first error.
+    metrics::counter!(PUBLISHED).increment(0);
+    metrics::counter!(PUBLISH_ERRORS).increment(0);
 }
 
 #[derive(sqlx::FromRow)]

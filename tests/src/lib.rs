@@ -106,11 +106,18 @@ fn binary(service: &str) -> PathBuf {
 /// So: a random port below that range, never one this process handed out before, and free now.
 fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = if ephemeral_low > 12_000 { (10_000, ephemeral_low) } else { (ephemeral_low / 2, ephemeral_low) };
+    static RANGE: std::sync::LazyLock<(u16, u16)> = std::sync::LazyLock::new(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        if ephemeral_low > 12_000 {
+            (10_000, ephemeral_low)
+        } else {
+            (ephemeral_low / 2, ephemeral_low)
+        }
+    });
+    let (low, high) = *RANGE;
     let mut handed_out = HANDED_OUT.lock().expect("port registry");
     for _ in 0..1000 {
         let port = rand::random_range(low..high);

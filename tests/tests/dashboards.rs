@@ -115,10 +115,9 @@ fn every_kubernetes_manifest_is_yaml() -> anyhow::Result<()> {
 
 /// Every metric name the services serve right now.
 async fn served(system: &System) -> anyhow::Result<BTreeSet<String>> {
-    let http = reqwest::Client::new();
     let mut names = BTreeSet::new();
     for service in SERVICES {
-        let text = http.get(system.metrics_url(service)).send().await?.text().await?;
+        let text = system.http.get(system.metrics_url(service)).send().await?.text().await?;
         names.extend(
             text.lines()
                 .filter(|line| !line.starts_with('#') && !line.trim().is_empty())

@@ -5,7 +5,6 @@
 //! violation. Run it with `scripts/chaos [minutes]`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
 
     let count = (minutes * 60.0 * rate).round() as usize;
     let injected: Mutex<BTreeMap<&'static str, u32>> = Mutex::new(BTreeMap::new());
-    let stop = AtomicBool::new(false);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let kind = |i: usize| match i % 20 {
         3 | 13 => Kind::Declined,
         7 => Kind::BadAddress,
@@ -49,21 +48,18 @@ async fn main() -> anyhow::Result<()> {
     };
     let load = async {
         let placed = faults::place_many(&system, "chaos", count, rate, &skus, kind).await;
-        stop.store(true, Ordering::SeqCst);
+        stop.send_replace(true);
         placed
     };
     let chaos = async {
-        while !stop.load(Ordering::SeqCst) {
+        let mut stopped = stopped;
+        loop {
             let (wait, pick, down) = {
                 let mut rng = rand::rng();
                 (rng.random_range(4.0..12.0), rng.random_range(0..100u32), rng.random_range(1.0..4.0))
             };
             // Faults stop with the orders: the wait ends early when the last order is placed.
-            let next = Instant::now() + Duration::from_secs_f64(wait);
-            while Instant::now() < next && !stop.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if stop.load(Ordering::SeqCst) {
+            if tokio::time::timeout(Duration::from_secs_f64(wait), stopped.wait_for(|stop| *stop)).await.is_ok() {
                 break;
             }
             let fault = match pick {

@@ -6,8 +6,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf
 COPY . .
 RUN cargo build --release --locked --workspace --bins
 
+# librdkafka links the system OpenSSL (ADR 13): libssl3 at run time.
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/* \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libssl3 && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 saga
 COPY --from=build /src/target/release/saga-orchestrator /src/target/release/saga-participant-* /usr/local/bin/
 USER saga

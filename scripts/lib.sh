@@ -1,4 +1,5 @@
-# Shared by scripts/demo and scripts/test: make sure Postgres and the Kafka-compatible broker are
+# shellcheck shell=bash
+# Shared by scripts/demo, scripts/test and scripts/chaos: make sure Postgres and Apache Kafka are
 # installed and running. Sourced, not run.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -6,7 +7,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 PGHOST_ADDR="${PGHOST_ADDR:-127.0.0.1}"
 PGPORT_NUM="${PGPORT_NUM:-5432}"
 KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
-TANSU_VERSION="0.6.0"
+export KAFKA_BROKERS
+# shellcheck source=kafka.d/common.sh
+source "$ROOT/scripts/kafka.d/common.sh"
 STATE_DIR="${STATE_DIR:-$ROOT/.demo}"
 mkdir -p "$STATE_DIR/logs"
 
@@ -48,35 +51,36 @@ ensure_postgres() {
   wait_port "$PGHOST_ADDR" "$PGPORT_NUM" 30 PostgreSQL
 }
 
-ensure_tansu_installed() {
-  if command -v tansu >/dev/null 2>&1; then
-    return 0
-  fi
-  say "Building the Tansu broker (cargo install tansu $TANSU_VERSION): about 20 minutes on 2 cores, once."
-  say "Progress is shown below; it is installed into ~/.cargo/bin and reused afterwards."
-  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore 2>&1 |
-    grep --line-buffered -E 'Compiling|Installed|error' |
-    awk '/Compiling/ {n++; if (n % 25 == 0) printf "    ... %d crates compiled (latest: %s)\n", n, $2; fflush(); next} {print; fflush()}' >&2
-  command -v tansu >/dev/null 2>&1 || { echo "tansu failed to install" >&2; return 1; }
-}
-
+# Apache Kafka, as production runs it: a broker answering at KAFKA_BROKERS is used as it is;
+# otherwise the pinned version's jars are fetched from Maven Central once (into $KAFKA_HOME) and a
+# single-node KRaft broker is started with its log under $STATE_DIR/kafka, where it survives
+# restarts. It keeps running after the script ends, for the next run.
 ensure_broker() {
-  local host="${KAFKA_BROKERS%%:*}" port="${KAFKA_BROKERS##*:}"
-  port="${port%%,*}"
+  local first="${KAFKA_BROKERS%%,*}"
+  local host="${first%:*}" port="${first##*:}"
   if port_open "$host" "$port"; then
     return 0
   fi
-  ensure_tansu_installed
-  say "Starting the Tansu broker on $host:$port (in memory; log: $STATE_DIR/logs/tansu.log)"
-  nohup tansu broker \
-    --listener-url "tcp://$host:$port" \
-    --advertised-listener-url "tcp://$host:$port" \
-    --storage-engine memory://tansu/ >"$STATE_DIR/logs/tansu.log" 2>&1 &
-  echo $! >"$STATE_DIR/tansu.pid"
-  wait_port "$host" "$port" 30 "the Tansu broker"
+  ensure_kafka_jars
+  local log="$STATE_DIR/logs/kafka.log"
+  say "Starting Apache Kafka $KAFKA_VERSION on $host:$port (KRaft, one node; data in $STATE_DIR/kafka; log: $log)"
+  : >"$log"
+  # Its own session: a Ctrl-C in the terminal stops the demo, not the broker.
+  setsid nohup "$ROOT/scripts/kafka.d/run-broker" "$STATE_DIR/kafka" "$host:$port" "$((port + 1))" >"$log" 2>&1 &
+  local pid=$!
+  echo "$pid" >"$STATE_DIR/kafka.pid"
+  local i
+  for ((i = 0; i < 1200; i++)); do
+    if grep -q 'Kafka Server started' "$log"; then
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "Apache Kafka exited while starting; the end of $log:" >&2
+      tail -n 30 "$log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "Apache Kafka did not start within 120 s; see $log" >&2
+  return 1
 }
-
-# Consumer settings for a local broker: group joins in ~2 s instead of ~24 s, and a short fetch
-# wait, since the local broker holds a fetch for its full wait even when data is there.
-# Production leaves librdkafka's defaults (or sets its own through the same variable).
-export KAFKA_CONSUMER_PROPERTIES="${KAFKA_CONSUMER_PROPERTIES:-session.timeout.ms=2000,heartbeat.interval.ms=500,max.poll.interval.ms=10000,fetch.wait.max.ms=10}"

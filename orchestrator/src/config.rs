@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use saga_runtime::config::{parse_millis, DatabaseConfig, KafkaConfig, OutboxConfig, TelemetryConfig};
+use saga_runtime::config::{parse_millis, parse_secret, DatabaseConfig, KafkaConfig, OutboxConfig, TelemetryConfig};
+use secrecy::SecretString;
 
 #[derive(Debug, Parser)]
 #[command(name = "saga-orchestrator", version, about = "Saga orchestrator with durable state in Postgres")]
@@ -43,9 +44,10 @@ pub(crate) struct Config {
         default_value = "",
         hide_env_values = true,
         hide_default_value = true,
+        value_parser = parse_secret,
         global = true
     )]
-    pub(crate) api_tokens: String,
+    pub(crate) api_tokens: SecretString,
     /// Serve the API without authentication (local development only).
     #[arg(long, env = "AUTH_DISABLED", default_value_t = false, action = clap::ArgAction::Set, global = true)]
     pub(crate) auth_disabled: bool,

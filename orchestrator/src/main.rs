@@ -16,6 +16,7 @@ use clap::{CommandFactory, FromArgMatches};
 use saga_defs::contract::{commands_topic, EVENTS_TOPIC, REPLIES_TOPIC, START_REQUESTS_TOPIC};
 use saga_defs::Registry;
 use saga_runtime::{consumer, db, dead_letter, health, kafka, outbox, shutdown, telemetry};
+use secrecy::ExposeSecret;
 
 use crate::config::{Command, Config};
 
@@ -39,7 +40,10 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Some(Command::CreateTopics) => kafka::ensure_topics(&config.kafka, &topics(&config, &registry)).await,
+        Some(Command::CreateTopics) => {
+            kafka::check_connection(&config.kafka).await?;
+            kafka::ensure_topics(&config.kafka, &topics(&config, &registry)).await
+        }
         Some(Command::Definitions) => {
             let all: Vec<_> = registry.all().collect();
             println!("{}", serde_json::to_string_pretty(&all)?);
@@ -85,8 +89,8 @@ fn topics(config: &Config, registry: &Registry) -> Vec<String> {
     names.iter().map(|n| config.kafka.topic(n)).collect()
 }
 
-async fn serve(mut config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
-    let auth = http::auth::Auth::from_config(&std::mem::take(&mut config.api_tokens), config.auth_disabled)?;
+async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
+    let auth = http::auth::Auth::from_config(config.api_tokens.expose_secret(), config.auth_disabled)?;
     match &auth {
         http::auth::Auth::Disabled => tracing::warn!(
             "AUTH_DISABLED=true: the API answers without a token; never do this outside local development"
@@ -100,6 +104,7 @@ async fn serve(mut config: Config, registry: Arc<Registry>) -> anyhow::Result<()
         tracing::info!(saga_type = %definition.name, version = definition.version, steps = definition.steps.len(), "loaded saga definition");
     }
     let pool = db::connect(&config.database, migrations()).await?;
+    kafka::check_connection(&config.kafka).await?;
     let all_topics = topics(&config, &registry);
     kafka::ensure_topics(&config.kafka, &all_topics).await?;
     let producer = kafka::producer(&config.kafka, "saga-orchestrator")?;

@@ -16,7 +16,6 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 pub mod faults;
-pub mod proxy;
 
 pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
 
@@ -31,8 +30,19 @@ pub struct Options {
     pub skip: Vec<&'static str>,
     /// Extra environment for one service: (service, name, value).
     pub env: Vec<(&'static str, String, String)>,
-    /// Run a broker of this system's own (that a test may pause) instead of the shared one.
+    /// Run an Apache Kafka broker of this system's own (that a test may pause, kill and restart)
+    /// instead of the shared one.
     pub private_broker: bool,
+    /// Extra listeners of the private broker, (bound, advertised): e.g.
+    /// (`SASL_SSL://127.0.0.1:9094`, `SASL_SSL://localhost:9094`).
+    pub broker_listeners: Vec<(String, String)>,
+    /// Extra `key=value` properties of the private broker (TLS, SASL).
+    pub broker_properties: Vec<String>,
+    /// SCRAM credentials the private broker is formatted with (`SCRAM-SHA-512=[name=u,password=p]`).
+    pub broker_scram: Vec<String>,
+    /// The Postgres server of this system's databases, as (URL without a database, query string
+    /// such as `?sslmode=verify-full&sslrootcert=ca.pem`); the shared one unless set.
+    pub postgres: Option<(String, String)>,
 }
 
 impl Options {
@@ -70,7 +80,7 @@ fn base_service(service: &str) -> &str {
     service.split('#').next().unwrap_or(service)
 }
 
-fn postgres_base() -> String {
+fn default_postgres_base() -> String {
     std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
@@ -78,8 +88,34 @@ fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }
 
+/// The consumer group protocol the services under test use: `classic` unless
+/// `TEST_GROUP_PROTOCOL=consumer` (KIP-848) is set.
+pub fn group_protocol() -> String {
+    std::env::var("TEST_GROUP_PROTOCOL").unwrap_or_else(|_| "classic".to_owned())
+}
+
+/// The services' consumer settings in tests, unless `KAFKA_CONSUMER_PROPERTIES` is set: a member
+/// that dies loses its partitions after 6 s (the least Apache Kafka allows by default), and one
+/// whose loop stops polling leaves its group after 10 s. Under the new protocol the broker sets
+/// session and heartbeat (scripts/kafka.d/run-broker) and librdkafka refuses them here.
+pub fn consumer_properties() -> String {
+    if let Ok(properties) = std::env::var("KAFKA_CONSUMER_PROPERTIES") {
+        return properties;
+    }
+    if group_protocol() == "consumer" {
+        "group.protocol=consumer,max.poll.interval.ms=10000".to_owned()
+    } else {
+        "session.timeout.ms=6000,heartbeat.interval.ms=1000,max.poll.interval.ms=10000".to_owned()
+    }
+}
+
+/// `scripts/kafka.d/run-broker`, which runs one Apache Kafka broker from the cached jars.
+fn run_broker_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.d/run-broker")
+}
+
 /// Where cargo put the binaries: next to this test executable's `deps/` folder.
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("SAGA_BIN_DIR") {
         return PathBuf::from(dir);
     }
@@ -93,7 +129,8 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-fn binary(service: &str) -> PathBuf {
+/// The executable of a service (`orchestrator`, `payment`, ...).
+pub fn binary(service: &str) -> PathBuf {
     let service = base_service(service);
     let name =
         if service == "orchestrator" { "saga-orchestrator".to_owned() } else { format!("saga-participant-{service}") };
@@ -104,7 +141,7 @@ fn binary(service: &str) -> PathBuf {
 /// with `bind(0)` and released can be handed out again, to the next `bind(0)` or to an outgoing
 /// connection, before the service binds it (seen: two services of one system given one port).
 /// So: a random port below that range, never one this process handed out before, and free now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     static RANGE: std::sync::LazyLock<(u16, u16)> = std::sync::LazyLock::new(|| {
         let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -127,6 +164,24 @@ fn free_port() -> u16 {
         }
     }
     panic!("no free port in {low}..{high} after 1000 tries");
+}
+
+/// A system's own Apache Kafka broker.
+struct Broker {
+    /// Its configuration and log, kept across restarts.
+    dir: PathBuf,
+    port: u16,
+    controller_port: u16,
+    /// Listeners besides PLAINTEXT, (bound, advertised).
+    listeners: Vec<(String, String)>,
+    properties: Vec<String>,
+    scram: Vec<String>,
+    child: Option<Child>,
+}
+
+/// How many times a broker log says the broker has started.
+fn count_started(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log).map(|text| text.matches("Kafka Server started").count()).unwrap_or(0)
 }
 
 struct Process {
@@ -162,9 +217,9 @@ pub struct System {
     /// The broker address this system's services use.
     pub brokers: String,
     /// This system's own broker, when it has one.
-    broker: Option<Child>,
-    /// The proxy its clients reach that broker through.
-    broker_proxy: Option<proxy::Proxy>,
+    broker: Mutex<Option<Broker>>,
+    /// Postgres of this system's databases: a URL without a database, and a query string.
+    postgres: (String, String),
     /// Sends the admin token to every service.
     pub http: reqwest::Client,
     log_dir: PathBuf,
@@ -183,7 +238,7 @@ impl System {
     }
 
     pub async fn start_with(options: Options) -> anyhow::Result<Self> {
-        let skip = options.skip;
+        let skip = options.skip.clone();
         let run_id = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
         let log_dir = bin_dir().join("e2e-logs").join(&run_id);
         std::fs::create_dir_all(&log_dir)?;
@@ -194,14 +249,25 @@ impl System {
             run_id,
             processes: Mutex::new(BTreeMap::new()),
             brokers: brokers(),
-            broker: None,
-            broker_proxy: None,
+            broker: Mutex::new(None),
+            postgres: options.postgres.clone().unwrap_or_else(|| (default_postgres_base(), String::new())),
             http,
             log_dir,
             env: options.env,
         };
         if options.private_broker {
-            system.start_broker().await?;
+            let broker = Broker {
+                dir: system.log_dir.join("kafka"),
+                port: free_port(),
+                controller_port: free_port(),
+                listeners: options.broker_listeners.clone(),
+                properties: options.broker_properties.clone(),
+                scram: options.broker_scram.clone(),
+                child: None,
+            };
+            system.brokers = format!("127.0.0.1:{}", broker.port);
+            *system.broker.lock().unwrap_or_else(|e| e.into_inner()) = Some(broker);
+            system.start_broker_process().await?;
         }
         for service in SERVICES {
             system
@@ -223,59 +289,80 @@ impl System {
     }
 
     pub fn database_url(&self, service: &str) -> String {
-        format!("{}/sagatest_{}_{}", postgres_base(), self.run_id, base_service(service))
+        let (base, query) = &self.postgres;
+        format!("{base}/sagatest_{}_{}{query}", self.run_id, base_service(service))
     }
 
-    /// Starts a Tansu broker of this system's own on a free port, behind a proxy that
-    /// [`System::cut_broker_connections`] can cut; the broker advertises the proxy's address.
-    async fn start_broker(&mut self) -> anyhow::Result<()> {
-        let port = free_port();
-        let listener = format!("127.0.0.1:{port}");
-        let proxy = proxy::Proxy::start(listener.clone()).await?;
-        let advertised = format!("tcp://127.0.0.1:{}", proxy.port);
-        let log = std::fs::File::create(self.log_dir.join("tansu.log"))?;
-        let tansu = std::env::var("TANSU").unwrap_or_else(|_| "tansu".to_owned());
-        let child = Command::new(&tansu)
-            .args(["broker", "--listener-url", &format!("tcp://{listener}"), "--advertised-listener-url", &advertised])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {tansu} (install it: cargo install tansu --locked --version 0.6.0 --features dynostore)"))?;
-        self.broker = Some(child);
-        self.brokers = format!("127.0.0.1:{}", proxy.port);
-        self.broker_proxy = Some(proxy);
+    /// The URL of the `postgres` database of this system's server, for administration.
+    fn admin_url(&self) -> String {
+        let (base, query) = &self.postgres;
+        format!("{base}/postgres{query}")
+    }
+
+    /// Starts the private broker's process and waits until it says it has started.
+    async fn start_broker_process(&self) -> anyhow::Result<()> {
+        let log_path = self.log_dir.join("kafka.log");
+        let started_lines = count_started(&log_path);
+        {
+            let mut broker = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+            let broker = broker.as_mut().context("this system has no broker of its own")?;
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+            let (bound, advertised): (Vec<&str>, Vec<&str>) =
+                broker.listeners.iter().map(|(b, a)| (b.as_str(), a.as_str())).unzip();
+            let child = Command::new(run_broker_script())
+                .arg(&broker.dir)
+                .arg(format!("127.0.0.1:{}", broker.port))
+                .arg(broker.controller_port.to_string())
+                .args(&broker.properties)
+                .env("KAFKA_EXTRA_LISTENERS", bound.join(","))
+                .env("KAFKA_EXTRA_ADVERTISED_LISTENERS", advertised.join(","))
+                .env("KAFKA_FORMAT_SCRAM", broker.scram.join("\n"))
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true)
+                .spawn()
+                .context("cannot run scripts/kafka.d/run-broker")?;
+            broker.child = Some(child);
+        }
         let started = Instant::now();
-        while tokio::net::TcpStream::connect(&listener).await.is_err() {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the private broker did not listen on {listener} within 30 s");
+        while count_started(&log_path) == started_lines {
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("the private broker did not start within 120 s; see {}", log_path.display());
+            }
+            let exited = {
+                let mut broker = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+                broker.as_mut().and_then(|b| b.child.as_mut()).is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+            };
+            if exited {
+                bail!("the private broker exited while starting; see {}", log_path.display());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
     }
 
-    /// Closes every client connection to the private broker and refuses new ones for `outage`:
-    /// what clients see when a broker restarts, without the in-memory broker losing its data.
-    pub fn cut_broker_connections(&self, outage: Duration) -> anyhow::Result<()> {
-        self.broker_proxy.as_ref().context("only a private broker can be cut off")?.cut(outage);
+    /// SIGKILLs the private broker: no controlled shutdown; its log stays on disk.
+    pub async fn kill_broker(&self) -> anyhow::Result<()> {
+        let child = self.broker.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|b| b.child.take());
+        let mut child = child.context("the private broker is not running")?;
+        child.start_kill()?;
+        child.wait().await?;
         Ok(())
+    }
+
+    /// Starts the private broker again on the log it had (after [`System::kill_broker`]).
+    pub async fn restart_broker(&self) -> anyhow::Result<()> {
+        self.start_broker_process().await
     }
 
     /// The pid of a service's process (or of the private broker, as `broker`).
     fn pid(&self, service: &str) -> anyhow::Result<u32> {
-        let child = if service == "broker" {
-            self.broker.as_ref()
+        let pid = if service == "broker" {
+            self.broker.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|b| b.child.as_ref()?.id())
         } else {
-            return self
-                .processes()
-                .get(service)
-                .and_then(|p| p.child.as_ref())
-                .and_then(Child::id)
-                .with_context(|| format!("{service} is not running"));
+            self.processes().get(service).and_then(|p| p.child.as_ref()).and_then(Child::id)
         };
-        child.and_then(Child::id).with_context(|| format!("{service} is not running"))
+        pid.with_context(|| format!("{service} is not running"))
     }
 
     /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to a service or to the private `broker`.
@@ -305,7 +392,7 @@ impl System {
     /// open ones are cut, as a Postgres restart does to its clients (without disturbing other
     /// tests sharing the server).
     pub async fn database_outage(&self, service: &str, outage: Duration) -> anyhow::Result<()> {
-        let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", postgres_base())).await?;
+        let admin = PgPoolOptions::new().max_connections(1).connect(&self.admin_url()).await?;
         let name = format!("sagatest_{}_{}", self.run_id, base_service(service));
         sqlx::query(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false")).execute(&admin).await?;
         sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
@@ -341,18 +428,18 @@ impl System {
             .env("KAFKA_BROKERS", &self.brokers)
             .env("KAFKA_TOPIC_PREFIX", topic_prefix)
             .env("KAFKA_GROUP_ID", group)
-            .env(
-                "KAFKA_CONSUMER_PROPERTIES",
-                std::env::var("KAFKA_CONSUMER_PROPERTIES").unwrap_or_else(|_| {
-                    "session.timeout.ms=2000,heartbeat.interval.ms=500,max.poll.interval.ms=10000,fetch.wait.max.ms=10".to_owned()
-                }),
-            )
+            .env("KAFKA_CONSUMER_PROPERTIES", consumer_properties())
             .env("HTTP_ADDR", format!("127.0.0.1:{}", process.http_port))
             .env("METRICS_ADDR", format!("127.0.0.1:{}", process.metrics_port))
             .env("LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
             .env("API_TOKENS", format!("admin:admin:{ADMIN_TOKEN},reader:read:{READ_TOKEN}"))
-            .envs(self.env.iter().filter(|(s, _, _)| *s == base_service(service) || *s == service).map(|(_, k, v)| (k, v)))
+            .envs(
+                self.env
+                    .iter()
+                    .filter(|(s, _, _)| *s == base_service(service) || *s == service)
+                    .map(|(_, k, v)| (k, v)),
+            )
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
@@ -482,6 +569,27 @@ impl System {
             Ok(out)
         })
         .await?
+    }
+
+    /// Deletes every topic (those named with its prefix) and consumer group of this system.
+    pub async fn delete_topics(&self) -> anyhow::Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let prefix = self.topic_prefix();
+        let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+        let topics: Vec<String> =
+            metadata.topics().iter().map(|t| t.name().to_owned()).filter(|t| t.starts_with(&prefix)).collect();
+        if !topics.is_empty() {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            admin.delete_topics(&names, &AdminOptions::new()).await?;
+        }
+        // And its consumer groups, which would otherwise linger on the broker (empty).
+        let groups: Vec<String> = SERVICES.iter().map(|s| format!("{}-{s}", self.run_id)).collect();
+        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+        admin.delete_groups(&groups, &AdminOptions::new()).await?;
+        Ok(())
     }
 
     /// Publishes a raw message to one of this system's topics (name without the prefix).
@@ -651,16 +759,22 @@ impl System {
     }
 
     /// Stops every process and drops the run's databases.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(self) -> anyhow::Result<()> {
         let running: Vec<&'static str> = self.processes().keys().copied().collect();
         for service in running {
             self.kill(service).await?;
         }
-        if let Some(mut broker) = self.broker.take() {
-            broker.start_kill()?;
-            broker.wait().await?;
+        let broker = self.broker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut child) = broker.and_then(|b| b.child) {
+            child.start_kill()?;
+            child.wait().await?;
+        } else {
+            // The shared broker outlives this system: its topics go with it.
+            if let Err(error) = self.delete_topics().await {
+                eprintln!("deleting the topics of {}: {error:#}", self.run_id);
+            }
         }
-        let admin = PgPoolOptions::new().max_connections(1).connect(&format!("{}/postgres", postgres_base())).await?;
+        let admin = PgPoolOptions::new().max_connections(1).connect(&self.admin_url()).await?;
         for service in SERVICES {
             let name = format!("sagatest_{}_{}", self.run_id, service);
             sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&admin).await?;

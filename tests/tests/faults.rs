@@ -275,20 +275,12 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() -> an
     system.stop().await
 }
 
-/// The broker stopped (SIGSTOP) for 10 s under load: orders are still accepted, /ready says
-/// why it is not ready, and the backlog drains when the broker is back.
+/// The broker stopped (SIGSTOP) for 10 s under load, longer than the consumers' 6 s sessions:
+/// when it comes back every member of every group has expired and rejoins. Meanwhile orders are
+/// still accepted, /ready says why it is not ready, and the backlog drains when the broker is back.
 #[tokio::test]
-async fn broker_paused_for_ten_seconds_under_load() -> anyhow::Result<()> {
-    // Consumer sessions outlast the pause (Apache Kafka's default session timeout is 45 s), so
-    // the groups keep their members. A longer outage makes every consumer rejoin its group, which
-    // Tansu 0.6 mishandles (its JoinGroup keeps naming the expired member as leader and SyncGroup
-    // then answers "unknown member"; see docs/reliability.md).
-    let sessions = "session.timeout.ms=30000,heartbeat.interval.ms=500,max.poll.interval.ms=60000,fetch.wait.max.ms=10";
-    let mut options = Options::default().private_broker();
-    for service in saga_e2e::SERVICES {
-        options = options.env(service, "KAFKA_CONSUMER_PROPERTIES", sessions);
-    }
-    let system = start(options).await?;
+async fn broker_paused_longer_than_the_session_timeout_under_load() -> anyhow::Result<()> {
+    let system = start(Options::default().private_broker()).await?;
     let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
     let pause = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -321,6 +313,66 @@ async fn broker_paused_for_ten_seconds_under_load() -> anyhow::Result<()> {
     );
     let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
     eprintln!("broker paused 10 s: drained {drained:?} after the last order; {report}");
+    report.assert_clean()?;
+    system.stop().await
+}
+
+/// The broker SIGKILLed under load and started again 3 s later on the log it left on disk: the
+/// producers' idempotent retries and the consumers' committed offsets carry every saga through.
+#[tokio::test]
+async fn broker_killed_and_restarted_under_load() -> anyhow::Result<()> {
+    let system = start(Options::default().private_broker()).await?;
+    let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
+    let outage = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        system.kill_broker().await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        system.restart_broker().await
+    };
+    let load = faults::place_many(&system, "broker-killed", 80, 8.0, &["FAULT-A", "FAULT-B"], Kind::mix);
+    let (placed, restarted) = tokio::join!(load, outage);
+    let placed = placed?;
+    restarted?;
+    let drained = faults::settle(&system, &placed, SETTLE).await?;
+    let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
+    eprintln!("broker killed and restarted: drained {drained:?} after the last order; {report}");
+    report.assert_clean()?;
+    for service in saga_e2e::SERVICES {
+        assert!(!system.has_exited(service), "{service} exited while the broker was down");
+    }
+    system.stop().await
+}
+
+/// Consumer groups rebalance while the outbox relays are publishing a burst: participant
+/// replicas join, one leaves, and a second orchestrator joins, each while the relays still have
+/// rows to send (checked: the orchestrator's published count grows across the rebalances).
+#[tokio::test]
+async fn rebalances_while_the_outbox_relays_are_publishing() -> anyhow::Result<()> {
+    let system = start(Options::default()).await?;
+    let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
+    // The orchestrator's relay publishes the commands the rebalancing participants consume.
+    let published = || system.metric("orchestrator", "saga_outbox_published_total ");
+    let rebalances = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let first = published().await?;
+        system.spawn("inventory#2")?;
+        system.spawn("payment#2")?;
+        system.wait_ready("inventory#2", Duration::from_secs(60)).await?;
+        system.wait_ready("payment#2", Duration::from_secs(60)).await?;
+        let (_, status) = system.terminate("inventory").await?;
+        anyhow::ensure!(status.success(), "inventory exits cleanly on SIGTERM: {status}");
+        system.spawn("orchestrator#2")?;
+        system.wait_ready("orchestrator#2", Duration::from_secs(60)).await?;
+        let last = published().await?;
+        anyhow::Ok((first, last))
+    };
+    let load = faults::place_many(&system, "rebalance", 150, 25.0, &["FAULT-A", "FAULT-B"], Kind::mix);
+    let (placed, counts) = tokio::join!(load, rebalances);
+    let (placed, (first, last)) = (placed?, counts?);
+    assert!(last > first, "the relays published during the rebalances ({first} then {last})");
+    faults::settle(&system, &placed, SETTLE).await?;
+    let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
+    eprintln!("rebalances while publishing ({first} -> {last} published): {report}");
     report.assert_clean()?;
     system.stop().await
 }

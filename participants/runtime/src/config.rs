@@ -2,16 +2,20 @@
 //! a default; `--help` on any binary documents them all.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Postgres settings.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseConfig {
-    /// Postgres connection URL of this service's own database.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    /// Postgres connection URL of this service's own database. TLS: add `sslmode=require`, or
+    /// `sslmode=verify-full&sslrootcert=/path/ca.pem` (client certificates: `sslcert`, `sslkey`).
+    /// Its password is never logged or shown.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub database_url: SecretString,
     /// Largest number of pooled connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
@@ -29,15 +33,25 @@ pub struct KafkaConfig {
     /// Prefix put before every topic name, to run several isolated systems on one cluster.
     #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
     pub kafka_topic_prefix: String,
-    /// Extra librdkafka properties for every client, as `key=value` pairs separated by commas.
-    #[arg(long, env = "KAFKA_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    /// Extra librdkafka properties for every client, as `key=value` pairs separated by commas,
+    /// e.g. `security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-512,sasl.username=saga,ssl.ca.location=/etc/kafka/ca.pem`.
+    /// Values of keys naming a password, secret or key are never logged or shown.
+    #[arg(long, env = "KAFKA_PROPERTIES", default_value = "", hide_env_values = true, value_parser = parse_properties)]
     pub kafka_properties: Properties,
     /// Extra librdkafka properties for consumers only (e.g. `session.timeout.ms=10000`).
-    #[arg(long, env = "KAFKA_CONSUMER_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    #[arg(long, env = "KAFKA_CONSUMER_PROPERTIES", default_value = "", hide_env_values = true, value_parser = parse_properties)]
     pub kafka_consumer_properties: Properties,
     /// Extra librdkafka properties for producers only (e.g. `linger.ms=10`).
-    #[arg(long, env = "KAFKA_PRODUCER_PROPERTIES", default_value = "", value_parser = parse_properties)]
+    #[arg(long, env = "KAFKA_PRODUCER_PROPERTIES", default_value = "", hide_env_values = true, value_parser = parse_properties)]
     pub kafka_producer_properties: Properties,
+    /// SASL password (librdkafka `sasl.password`), kept apart from KAFKA_PROPERTIES so that it can
+    /// come from a secret store on its own. Never logged or shown.
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub kafka_sasl_password: Option<SecretString>,
+    /// How long start-up waits for a broker to answer (milliseconds). Settings a broker refuses
+    /// (credentials, certificates, security protocol) end the start-up at once, with the reason.
+    #[arg(long, env = "KAFKA_CONNECT_TIMEOUT_MS", default_value = "30000", value_parser = parse_millis)]
+    pub kafka_connect_timeout: Duration,
     /// Create the topics this service uses when they are missing (turn off where topics are managed elsewhere).
     #[arg(long, env = "KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub kafka_create_topics: bool,
@@ -90,23 +104,61 @@ pub struct TelemetryConfig {
     pub log_level: String,
 }
 
-/// A parsed list of librdkafka properties.
-pub type Properties = BTreeMap<String, String>;
+/// A parsed list of librdkafka properties. The values of sensitive keys (see [`is_sensitive`])
+/// are held as secrets: `Debug` shows them as `[REDACTED]`.
+#[derive(Clone, Default)]
+pub struct Properties(BTreeMap<String, SecretString>);
+
+impl Properties {
+    /// Every property, in key order, with its value exposed (to hand to librdkafka).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(key, value)| (key.as_str(), value.expose_secret()))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|value| value.expose_secret())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|(key, value)| (key, if is_sensitive(key) { "[REDACTED]" } else { value })))
+            .finish()
+    }
+}
+
+/// Whether a librdkafka property holds a secret: `sasl.password`, `ssl.key.password`,
+/// `ssl.keystore.password`, `ssl.key.pem`, `sasl.oauthbearer.client.secret`, ...
+pub fn is_sensitive(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "ssl.key.pem", "sasl.oauthbearer.config", "sasl.jaas"].iter().any(|word| key.contains(word))
+}
 
 /// Parses `key=value,key=value`. Values may not contain commas; set such properties one per
-/// option instead.
+/// option instead. An error names the key, never a value.
 pub fn parse_properties(text: &str) -> Result<Properties, String> {
-    let mut properties = Properties::new();
-    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, value) =
-            pair.split_once('=').ok_or_else(|| format!("{pair:?} is not key=value (e.g. session.timeout.ms=10000)"))?;
+    let mut properties = BTreeMap::new();
+    for (index, pair) in text.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("entry {} is not key=value (e.g. session.timeout.ms=10000)", index + 1))?;
         let key = key.trim();
         if key.is_empty() {
-            return Err(format!("{pair:?} has an empty key"));
+            return Err(format!("entry {} has an empty key", index + 1));
         }
-        properties.insert(key.to_owned(), value.trim().to_owned());
+        properties.insert(key.to_owned(), SecretString::from(value.trim().to_owned()));
     }
-    Ok(properties)
+    Ok(Properties(properties))
+}
+
+/// A secret from the command line or the environment.
+pub fn parse_secret(text: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(text.to_owned()))
 }
 
 /// Parses a whole number of milliseconds.
@@ -128,6 +180,23 @@ mod tests {
         assert!(parse_properties("").unwrap().is_empty());
         assert!(parse_properties("no-equals-sign").unwrap_err().contains("key=value"));
         assert!(parse_properties("=x").unwrap_err().contains("empty key"));
+    }
+
+    #[test]
+    fn secret_properties_never_show_in_debug_output_or_errors() {
+        let p = parse_properties(
+            "security.protocol=SASL_SSL,sasl.username=saga,sasl.password=hunter2-pw,ssl.key.password=k3y-pw,\
+             sasl.oauthbearer.client.secret=oauth-s3cret",
+        )
+        .unwrap();
+        let shown = format!("{p:?}");
+        for secret in ["hunter2-pw", "k3y-pw", "oauth-s3cret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("SASL_SSL") && shown.contains("saga"), "non-secret values stay visible: {shown}");
+        assert_eq!(p.get("sasl.password"), Some("hunter2-pw"), "librdkafka still gets the value");
+        let error = parse_properties("sasl.username=saga,hunter2-pw").unwrap_err();
+        assert!(!error.contains("hunter2"), "{error}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
@@ -22,7 +23,7 @@ pub fn participant_migrations() -> Migrator {
 /// Several migration sets share one database, each with its own version range, so each runs with
 /// `ignore_missing`.
 pub async fn connect(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyhow::Result<PgPool> {
-    let url = &config.database_url;
+    let url = config.database_url.expose_secret();
     let options: PgConnectOptions =
         url.parse().map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
     if config.database_migrate && !Postgres::database_exists(url).await? {

@@ -15,18 +15,28 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 
+use secrecy::ExposeSecret;
+
 use crate::config::KafkaConfig;
 
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka_brokers);
+    client
+        .set("bootstrap.servers", &config.kafka_brokers)
+        // After a broker restart, reconnect within a second (the Java client's default) rather
+        // than librdkafka's 10 s backoff, which held every saga up for seconds after the broker
+        // was back.
+        .set("reconnect.backoff.max.ms", "1000");
     set_all(&mut client, &config.kafka_properties);
+    if let Some(password) = &config.kafka_sasl_password {
+        client.set("sasl.password", password.expose_secret());
+    }
     client
 }
 
 /// Applies pass-through properties last, so they override our defaults.
 fn set_all(client: &mut ClientConfig, properties: &crate::config::Properties) {
-    for (key, value) in properties {
+    for (key, value) in properties.iter() {
         client.set(key, value);
     }
 }
@@ -154,13 +164,27 @@ pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Resu
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000");
+    if !uses_consumer_group_protocol(config) {
+        // Under the classic protocol a rebalance moves only the partitions that change hands.
+        client.set("partition.assignment.strategy", "cooperative-sticky");
+    }
     set_all(&mut client, &config.kafka_consumer_properties);
     let consumer: GroupConsumer = client.create_with_context(LagContext::new(group_id))?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
+}
+
+/// Whether the consumers use the new consumer group protocol (KIP-848, `group.protocol=consumer`).
+/// The broker then owns assignment, session and heartbeat, and librdkafka refuses a consumer
+/// that sets `partition.assignment.strategy`, `session.timeout.ms` or `heartbeat.interval.ms`.
+pub fn uses_consumer_group_protocol(config: &KafkaConfig) -> bool {
+    config
+        .kafka_consumer_properties
+        .get("group.protocol")
+        .or_else(|| config.kafka_properties.get("group.protocol"))
+        .is_some_and(|protocol| protocol.eq_ignore_ascii_case("consumer"))
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.
@@ -186,6 +210,117 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::R
     Ok(())
 }
 
+/// Records the errors librdkafka reports while [`check_connection`] waits for a broker.
+#[derive(Default)]
+struct StartupContext {
+    errors: Mutex<Vec<(Option<RDKafkaErrorCode>, String)>>,
+    /// Connections the broker closed before answering the first request (ApiVersion).
+    closed_unanswered: std::sync::atomic::AtomicU32,
+}
+
+/// How many connections closed by the broker before it answered anything make a protocol
+/// mismatch: a broker that is merely away refuses the connection instead, and one shutting down
+/// closes a connection once, not every time. (librdkafka logs a repeated failure once more, as
+/// "N identical error(s) suppressed", then falls silent: two lines is what a mismatch gives.)
+const CLOSED_UNANSWERED_LIMIT: u32 = 2;
+
+/// Whether a librdkafka log line says the broker closed the connection before it answered the
+/// first request: what a plaintext client sees at a TLS or SASL listener.
+fn closed_before_answering(message: &str) -> bool {
+    message.contains("in state APIVERSION_QUERY")
+        && (message.contains("connection closed by peer")
+            || message.contains("Disconnected while requesting ApiVersion"))
+}
+
+impl rdkafka::producer::ProducerContext for StartupContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+impl ClientContext for StartupContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        if closed_before_answering(message) {
+            self.closed_unanswered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        DefaultClientContext.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "connecting to Kafka");
+        self.errors.lock().unwrap_or_else(|e| e.into_inner()).push((error.rdkafka_error_code(), reason.to_owned()));
+    }
+}
+
+/// Whether an error librdkafka reported means the client's settings do not fit the broker's,
+/// which no retry cures: refused credentials, a failed TLS handshake (untrusted or wrong
+/// certificate, a TLS client at a plaintext listener, a client certificate the broker refused:
+/// OpenSSL's reason), or a plaintext client at a TLS listener (librdkafka's own diagnosis names
+/// `security.protocol`).
+fn is_misconfiguration(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+                | RDKafkaErrorCode::UnsupportedSASLMechanism
+                | RDKafkaErrorCode::IllegalSASLState
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    ) || ["security.protocol", "SSL routines", "SSL handshake", "certificate"]
+        .iter()
+        .any(|words| reason.contains(words))
+}
+
+/// Waits until a broker answers a metadata request, at most `kafka_connect_timeout`. Fails at
+/// once, with librdkafka's reason, when the broker refuses the client's security settings; so a
+/// wrong password, an untrusted certificate or the wrong protocol ends the start-up with a clear
+/// error instead of a service that retries for ever while looking alive.
+pub async fn check_connection(config: &KafkaConfig) -> anyhow::Result<()> {
+    let client: rdkafka::producer::BaseProducer<StartupContext> = base(config)
+        .set("client.id", "startup-check")
+        .create_with_context(StartupContext::default())
+        .map_err(|e| anyhow::anyhow!("the Kafka settings are not valid: {e}"))?;
+    let brokers = config.kafka_brokers.clone();
+    let timeout = config.kafka_connect_timeout;
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut last_error = "no answer".to_owned();
+        loop {
+            let attempt = client.client().fetch_metadata(None, Duration::from_millis(500));
+            // Errors reach the context only while the client's queue is served.
+            client.poll(Duration::from_millis(100));
+            let errors = std::mem::take(&mut *client.context().errors.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Some((_, reason)) = errors.iter().find(|(code, reason)| is_misconfiguration(*code, reason)) {
+                anyhow::bail!("Kafka at {brokers} refused this client's settings: {reason}");
+            }
+            let closed = client.context().closed_unanswered.load(std::sync::atomic::Ordering::Relaxed);
+            if attempt.is_err() && closed >= CLOSED_UNANSWERED_LIMIT {
+                anyhow::bail!(
+                    "Kafka at {brokers} refused this client's settings: the broker closed {closed} connections before \
+                     answering; is it a TLS or SASL listener? (set security.protocol in KAFKA_PROPERTIES)"
+                );
+            }
+            match attempt {
+                Ok(metadata) if !metadata.brokers().is_empty() => return Ok(()),
+                outcome if started.elapsed() >= timeout => {
+                    let error =
+                        outcome.err().map_or_else(|| "a metadata answer without brokers".to_owned(), |e| e.to_string());
+                    let last = errors.last().map(|(_, reason)| reason.as_str()).unwrap_or(&last_error);
+                    anyhow::bail!("no Kafka broker at {brokers} answered within {timeout:?}: {error} ({last})");
+                }
+                _ => {}
+            }
+            if let Some((_, reason)) = errors.last() {
+                last_error = reason.clone();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await?
+}
+
 /// Asks the cluster for its metadata: true when a broker answered within `timeout`.
 pub async fn broker_reachable(producer: &FutureProducer, timeout: Duration) -> bool {
     let producer = producer.clone();
@@ -209,6 +344,48 @@ pub fn reader(config: &KafkaConfig, client_id: &str) -> Result<rdkafka::consumer
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_settings_are_told_apart_from_a_broker_that_is_away() {
+        let refused = [
+            (Some(RDKafkaErrorCode::Authentication), "SASL authentication error: Authentication failed"),
+            (Some(RDKafkaErrorCode::SSL), "SSL handshake failed: certificate verify failed"),
+            (
+                Some(RDKafkaErrorCode::BrokerTransportFailure),
+                "Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration",
+            ),
+            (
+                Some(RDKafkaErrorCode::BrokerTransportFailure),
+                "ssl://localhost:9095/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate",
+            ),
+        ];
+        for (code, reason) in refused {
+            assert!(is_misconfiguration(code, reason), "{reason}");
+        }
+        let away = [
+            (
+                Some(RDKafkaErrorCode::BrokerTransportFailure),
+                "Connect to ipv4#127.0.0.1:9092 failed: Connection refused",
+            ),
+            (Some(RDKafkaErrorCode::AllBrokersDown), "1/1 brokers are down"),
+        ];
+        for (code, reason) in away {
+            assert!(!is_misconfiguration(code, reason), "{reason}");
+        }
+    }
+
+    #[test]
+    fn a_connection_closed_before_the_first_answer_is_told_apart_from_other_disconnects() {
+        assert!(closed_before_answering(
+            "localhost:9094/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN (after 24ms in state APIVERSION_QUERY)"
+        ));
+        assert!(!closed_before_answering(
+            "127.0.0.1:9092/1: Disconnected: connection reset by peer (after 3152ms in state UP)"
+        ));
+        assert!(!closed_before_answering(
+            "Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 0ms in state CONNECT)"
+        ));
+    }
 
     fn report(parts: &[(&str, i32, bool, i64)]) -> Vec<PartitionReport> {
         parts.iter().map(|&(t, p, d, l)| (t.to_owned(), p, d, l)).collect()

@@ -308,6 +308,7 @@ pub async fn run<P: Participant>(
         vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations],
     )
     .await?;
+    crate::kafka::check_connection(&config.kafka).await?;
     let topic = config.kafka.topic(&commands_topic(name));
     crate::kafka::ensure_topics(
         &config.kafka,

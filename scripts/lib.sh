@@ -68,7 +68,9 @@ ensure_broker() {
   # Its own session: a Ctrl-C in the terminal stops the demo, not the broker.
   setsid nohup "$ROOT/scripts/kafka.d/run-broker" "$STATE_DIR/kafka" "$host:$port" "$((port + 1))" >"$log" 2>&1 &
   local pid=$!
+  disown "$pid" 2>/dev/null || true
   echo "$pid" >"$STATE_DIR/kafka.pid"
+  KAFKA_STARTED_PID="$pid"
   local i
   for ((i = 0; i < 1200; i++)); do
     if grep -q 'Kafka Server started' "$log"; then

@@ -24,7 +24,7 @@ ensure_kafka_jars() {
   mvn -B -f "$KAFKA_D/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
     -DoutputDirectory="$KAFKA_HOME/libs.partial" 2>&1 |
     grep --line-buffered -E 'Downloaded from|ERROR|BUILD' |
-    awk '/Downloaded from/ {n++; if (n % 20 == 0) {printf "    ... %d files downloaded\n", n; fflush()}; next} {print; fflush()}' >&2
+    awk '/Downloaded from/ {n++; if (n % 100 == 0) {printf "    ... %d files downloaded\n", n; fflush()}; next} {print; fflush()}' >&2
   if [[ ! -f "$KAFKA_HOME/libs.partial/kafka_2.13-$KAFKA_VERSION.jar" ]]; then
     echo "fetching Apache Kafka $KAFKA_VERSION failed (see the Maven output above)" >&2
     return 1

@@ -70,6 +70,7 @@ ensure_broker() {
   local pid=$!
   disown "$pid" 2>/dev/null || true
   echo "$pid" >"$STATE_DIR/kafka.pid"
+  # shellcheck disable=SC2034 # read by scripts/demo
   KAFKA_STARTED_PID="$pid"
   local i
   for ((i = 0; i < 1200; i++)); do

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{ContentArrangement, Table};
+use saga_runtime::config::parse_secret;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 const EXIT_CODES: &str = "\
@@ -27,8 +29,8 @@ struct Cli {
     #[arg(long, env = "SAGA_API_URL", default_value = "http://localhost:8080", global = true)]
     url: String,
     /// Bearer token (scope read for queries, admin for retry and abort).
-    #[arg(long, env = "SAGA_API_TOKEN", hide_env_values = true, global = true)]
-    token: Option<String>,
+    #[arg(long, env = "SAGA_API_TOKEN", hide_env_values = true, value_parser = parse_secret, global = true)]
+    token: Option<SecretString>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -255,13 +257,13 @@ fn exit_code(status: u16) -> u8 {
 struct Client {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    token: Option<SecretString>,
 }
 
 impl Client {
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, Failure> {
         let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
+            Some(token) => request.bearer_auth(token.expose_secret()),
             None => request,
         };
         let response = request.send().await.map_err(|e| Failure {

@@ -235,7 +235,8 @@ async fn the_order_saga_runs_over_verified_tls_to_postgres_and_sasl_ssl_to_kafka
     let postgres = TlsPostgres::start(&pki, &root.join("postgres"))?;
     let (sasl_port, ssl_port) = (free_port(), free_port());
     let mut options = secured_broker(Options::default(), &pki, sasl_port, ssl_port);
-    options.postgres = Some(postgres.verify_full(&pki));
+    let (pg_server, pg_verify_full) = postgres.verify_full(&pki);
+    options.postgres = Some((pg_server.clone(), pg_verify_full.clone()));
     for service in saga_e2e::SERVICES {
         options = options
             .env(service, "KAFKA_BROKERS", format!("localhost:{sasl_port}"))
@@ -257,9 +258,7 @@ async fn the_order_saga_runs_over_verified_tls_to_postgres_and_sasl_ssl_to_kafka
     assert_eq!(system.stock("TLS-1").await?, 8, "two taken by the good order, the declined one's released");
 
     // Every connection of the services to Postgres is encrypted (plaintext ones are refused).
-    let admin =
-        sqlx::PgPool::connect(&format!("{}/postgres{}", postgres.verify_full(&pki).0, postgres.verify_full(&pki).1))
-            .await?;
+    let admin = sqlx::PgPool::connect(&format!("{pg_server}/postgres{pg_verify_full}")).await?;
     let (encrypted, plain): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
          FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname LIKE $1",
@@ -270,7 +269,7 @@ async fn the_order_saga_runs_over_verified_tls_to_postgres_and_sasl_ssl_to_kafka
     assert!(encrypted >= 5 && plain == 0, "{encrypted} encrypted and {plain} plaintext connections");
 
     // A plaintext Postgres client is refused by the server itself.
-    let refused = sqlx::PgPool::connect(&format!("{}/postgres?sslmode=disable", postgres.verify_full(&pki).0)).await;
+    let refused = sqlx::PgPool::connect(&format!("{pg_server}/postgres?sslmode=disable")).await;
     assert!(refused.is_err(), "plaintext to Postgres must be refused");
 
     // Mutual TLS on the SSL listener and SASL PLAIN: topics created, exit 0.
@@ -314,11 +313,8 @@ async fn the_order_saga_runs_over_verified_tls_to_postgres_and_sasl_ssl_to_kafka
     assert_no_secret("create-topics with PLAIN", &output);
 
     // Settings the other side refuses end the start-up at once, with the reason, and no secret.
-    let database = |query: &str| {
-        let (base, _) = postgres.verify_full(&pki);
-        format!("{base}/sagatest_{}_payment{query}", system.run_id)
-    };
-    let good_database = database(&postgres.verify_full(&pki).1);
+    let database = |query: &str| format!("{pg_server}/sagatest_{}_payment{query}", system.run_id);
+    let good_database = database(&pg_verify_full);
     let kafka = |properties: String, password: &str| {
         vec![
             ("DATABASE_URL", good_database.clone()),
@@ -346,7 +342,7 @@ async fn the_order_saga_runs_over_verified_tls_to_postgres_and_sasl_ssl_to_kafka
         ),
         (
             "a wrong Postgres password",
-            vec![("DATABASE_URL", database(&postgres.verify_full(&pki).1).replace(DB_PASSWORD, "wrong-pg-password"))],
+            vec![("DATABASE_URL", database(&pg_verify_full).replace(DB_PASSWORD, "wrong-pg-password"))],
             &["password authentication failed"],
         ),
         (
@@ -369,10 +365,7 @@ async fn the_order_saga_runs_over_verified_tls_to_postgres_and_sasl_ssl_to_kafka
     let (code, output) = run_service(
         "orchestrator",
         &["migrate"],
-        &[(
-            "DATABASE_URL",
-            format!("{}/sagatest_{}_require?sslmode=require", postgres.verify_full(&pki).0, system.run_id),
-        )],
+        &[("DATABASE_URL", format!("{pg_server}/sagatest_{}_require?sslmode=require", system.run_id))],
     )
     .await?;
     assert_eq!(code, Some(0), "sslmode=require:\n{output}");

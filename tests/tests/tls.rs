@@ -86,20 +86,17 @@ impl TlsPostgres {
         std::fs::create_dir_all(root)?;
         let data = root.join("data");
         std::fs::write(root.join("password"), DB_PASSWORD)?;
-        as_postgres(["chown", "-R", "postgres:postgres", &root.display().to_string()], true)?;
-        as_postgres(
-            [
-                &bin.join("initdb").display().to_string(),
-                "-D",
-                &data.display().to_string(),
-                "-U",
-                "postgres",
-                "--auth-host=scram-sha-256",
-                "--auth-local=trust",
-                &format!("--pwfile={}", root.join("password").display()),
-            ],
-            false,
-        )?;
+        run(["chown", "-R", "postgres:postgres", &root.display().to_string()])?;
+        as_postgres([
+            &bin.join("initdb").display().to_string(),
+            "-D",
+            &data.display().to_string(),
+            "-U",
+            "postgres",
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+            &format!("--pwfile={}", root.join("password").display()),
+        ])?;
         std::fs::copy(pki.dir.join("server.crt"), data.join("server.crt"))?;
         std::fs::copy(pki.dir.join("server.key"), data.join("server.key"))?;
         std::fs::write(
@@ -111,8 +108,8 @@ impl TlsPostgres {
              hostnossl all all ::/0 reject\n",
         )?;
         let data_path = data.display().to_string();
-        as_postgres(["chown", "-R", "postgres:postgres", &data_path], true)?;
-        as_postgres(["chmod", "0600", &data.join("server.key").display().to_string()], true)?;
+        run(["chown", "-R", "postgres:postgres", &data_path])?;
+        run(["chmod", "0600", &data.join("server.key").display().to_string()])?;
         let port = free_port();
         let options = format!(
             "-p {port} -c listen_addresses=localhost -c unix_socket_directories={} -c ssl=on \
@@ -120,10 +117,17 @@ impl TlsPostgres {
             root.display()
         );
         let log = root.join("postgres.log").display().to_string();
-        as_postgres(
-            [&bin.join("pg_ctl").display().to_string(), "-D", &data_path, "-o", &options, "-l", &log, "-w", "start"],
-            false,
-        )?;
+        as_postgres([
+            &bin.join("pg_ctl").display().to_string(),
+            "-D",
+            &data_path,
+            "-o",
+            &options,
+            "-l",
+            &log,
+            "-w",
+            "start",
+        ])?;
         Ok(Self { port, bin, data })
     }
 
@@ -139,21 +143,25 @@ impl TlsPostgres {
 impl Drop for TlsPostgres {
     fn drop(&mut self) {
         let pg_ctl = self.bin.join("pg_ctl").display().to_string();
-        let _ = as_postgres([&pg_ctl, "-D", &self.data.display().to_string(), "-m", "immediate", "stop"], false);
+        let _ = as_postgres([&pg_ctl, "-D", &self.data.display().to_string(), "-m", "immediate", "stop"]);
     }
 }
 
-/// Runs a command as the `postgres` user (`as_root`: as ourselves, root).
-fn as_postgres<const N: usize>(args: [&str; N], as_root: bool) -> anyhow::Result<()> {
-    let mut command = if as_root {
-        let mut command = std::process::Command::new(args[0]);
-        command.args(&args[1..]);
-        command
-    } else {
-        let mut command = std::process::Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).args(args);
-        command
-    };
+/// Runs a command as the `postgres` user (Postgres refuses to run as root).
+fn as_postgres<const N: usize>(args: [&str; N]) -> anyhow::Result<()> {
+    let mut command = std::process::Command::new("runuser");
+    command.args(["-u", "postgres", "--"]).args(args);
+    finish(command, &args)
+}
+
+/// Runs a command as ourselves (root).
+fn run<const N: usize>(args: [&str; N]) -> anyhow::Result<()> {
+    let mut command = std::process::Command::new(args[0]);
+    command.args(&args[1..]);
+    finish(command, &args)
+}
+
+fn finish(mut command: std::process::Command, args: &[&str]) -> anyhow::Result<()> {
     let output = command.stdin(Stdio::null()).output().with_context(|| format!("running {args:?}"))?;
     if !output.status.success() {
         bail!(

@@ -292,6 +292,9 @@ pub async fn check_connection(config: &KafkaConfig) -> anyhow::Result<()> {
             // Errors reach the context only while the client's queue is served.
             client.poll(Duration::from_millis(100));
             let errors = std::mem::take(&mut *client.context().errors.lock().unwrap_or_else(|e| e.into_inner()));
+            if let Some((_, reason)) = errors.last() {
+                last_error = reason.clone();
+            }
             if let Some((_, reason)) = errors.iter().find(|(code, reason)| is_misconfiguration(*code, reason)) {
                 anyhow::bail!("Kafka at {brokers} refused this client's settings: {reason}");
             }
@@ -307,13 +310,9 @@ pub async fn check_connection(config: &KafkaConfig) -> anyhow::Result<()> {
                 outcome if started.elapsed() >= timeout => {
                     let error =
                         outcome.err().map_or_else(|| "a metadata answer without brokers".to_owned(), |e| e.to_string());
-                    let last = errors.last().map(|(_, reason)| reason.as_str()).unwrap_or(&last_error);
-                    anyhow::bail!("no Kafka broker at {brokers} answered within {timeout:?}: {error} ({last})");
+                    anyhow::bail!("no Kafka broker at {brokers} answered within {timeout:?}: {error} ({last_error})");
                 }
                 _ => {}
-            }
-            if let Some((_, reason)) = errors.last() {
-                last_error = reason.clone();
             }
             std::thread::sleep(Duration::from_millis(100));
         }

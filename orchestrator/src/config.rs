@@ -27,6 +27,11 @@ pub(crate) struct Config {
     /// Most due sagas the timer loop handles in one transaction.
     #[arg(long, env = "TIMER_BATCH_SIZE", default_value_t = 200, global = true)]
     pub(crate) timer_batch_size: i64,
+    /// The bound of sagas in flight (RUNNING or COMPENSATING) per saga type: a default, then
+    /// overrides, e.g. `500,order-fulfilment=2000`. At the bound, start requests wait in Kafka and
+    /// `POST /api/v1/sagas` answers 429.
+    #[arg(long, env = "SAGA_MAX_IN_FLIGHT", default_value = "500", value_parser = crate::admission::parse_limits, global = true)]
+    pub(crate) max_in_flight: crate::admission::Limits,
     /// Input fields shown as "[redacted]" in API output, comma separated.
     #[arg(
         long,

@@ -70,6 +70,7 @@ pub(crate) struct Replay {
 }
 
 /// A dead letter with its original bytes, for a replay.
+#[derive(Clone)]
 pub(crate) struct Raw {
     pub(crate) view: DeadLetter,
     key: Option<Vec<u8>>,
@@ -97,6 +98,22 @@ impl DeadLetters {
 
     /// The full name of a dead-letter topic given as `saga-replies.dlq`, `saga-replies`, or with
     /// the topic prefix; `None` if it is none of ours.
+    /// Every name [`Self::resolve`] accepts.
+    pub(crate) fn accepted_names(&self) -> Vec<String> {
+        let prefix = &self.kafka.kafka_topic_prefix;
+        let mut names = Vec::new();
+        for topic in &self.topics {
+            let unprefixed = topic.strip_prefix(prefix.as_str()).unwrap_or(topic);
+            for name in [topic.as_str(), unprefixed] {
+                names.push(name.to_owned());
+                names.push(name.trim_end_matches(".dlq").to_owned());
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
     pub(crate) fn resolve(&self, name: &str) -> Option<String> {
         let name = if name.ends_with(".dlq") { name.to_owned() } else { format!("{name}.dlq") };
         let prefixed = self.kafka.topic(&name);
@@ -122,12 +139,32 @@ impl DeadLetters {
     }
 
     /// One dead letter by position; `None` if it is not (or no longer) there.
-    pub(crate) async fn get(&self, topic: String, partition: i32, offset: i64) -> anyhow::Result<Option<Raw>> {
+    /// The dead letters at `wanted` (topic, partition, offset), in that order; `None` where there
+    /// is none. One reader for all, each partition read once from its lowest wanted offset to
+    /// its highest.
+    pub(crate) async fn get_many(&self, wanted: Vec<(String, i32, i64)>) -> anyhow::Result<Vec<Option<Raw>>> {
         let kafka = self.kafka.clone();
         tokio::task::spawn_blocking(move || {
             let reader = saga_runtime::kafka::reader(&kafka, "saga-orchestrator-dlq-reader")?;
-            let mut found = read_range(&reader, &topic, &[(partition, offset, offset + 1)])?;
-            Ok(found.pop())
+            let mut ranges: BTreeMap<&str, BTreeMap<i32, (i64, i64)>> = BTreeMap::new();
+            for (topic, partition, offset) in &wanted {
+                let range = ranges.entry(topic).or_default().entry(*partition).or_insert((*offset, *offset + 1));
+                *range = (range.0.min(*offset), range.1.max(*offset + 1));
+            }
+            let mut found = Vec::new();
+            for (topic, partitions) in ranges {
+                let list: Vec<(i32, i64, i64)> = partitions.into_iter().map(|(p, (from, to))| (p, from, to)).collect();
+                found.extend(read_range(&reader, topic, &list)?);
+            }
+            Ok(wanted
+                .iter()
+                .map(|(topic, partition, offset)| {
+                    found
+                        .iter()
+                        .find(|r| r.view.topic == *topic && r.view.partition == *partition && r.view.offset == *offset)
+                        .cloned()
+                })
+                .collect())
         })
         .await?
     }
@@ -217,9 +254,14 @@ fn read_topic(reader: &BaseConsumer, topic: &str, limit: i64) -> anyhow::Result<
 
 /// Reads `[from, to)` of each `(partition, from, to)`.
 fn read_range(reader: &BaseConsumer, topic: &str, ranges: &[(i32, i64, i64)]) -> anyhow::Result<Vec<Raw>> {
+    // A partition the topic does not have holds nothing (asking for it would fail the read).
+    let metadata = reader.fetch_metadata(Some(topic), READ_TIMEOUT)?;
+    let existing: BTreeSet<i32> =
+        metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     let mut assignment = TopicPartitionList::new();
     let mut pending: BTreeMap<i32, i64> = BTreeMap::new();
-    for &(partition, from, to) in ranges.iter().filter(|(_, from, to)| to > from) {
+    for &(partition, from, to) in ranges.iter().filter(|(p, from, to)| to > from && *from >= 0 && existing.contains(p))
+    {
         assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
         pending.insert(partition, to);
     }

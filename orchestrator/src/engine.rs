@@ -52,6 +52,10 @@ enum Effect {
     StartRefused {
         reason: &'static str,
     },
+    Parked {
+        saga_type: String,
+        trigger: String,
+    },
 }
 
 impl Effects {
@@ -61,6 +65,18 @@ impl Effects {
 
     pub(crate) fn start_refused(&mut self, reason: &'static str) {
         self.0.push(Effect::StartRefused { reason });
+    }
+
+    /// The saga types of the sagas this transaction created, one entry per saga.
+    pub(crate) fn created(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|e| match e {
+            Effect::Created { saga_type } => Some(saga_type.as_str()),
+            _ => None,
+        })
+    }
+
+    pub(crate) fn extend(&mut self, other: Effects) {
+        self.0.extend(other.0);
     }
 
     pub(crate) fn record(self) {
@@ -89,6 +105,9 @@ impl Effects {
                 }
                 Effect::Ignored { reason } => counter!(m::REPLIES_IGNORED, "reason" => reason).increment(1),
                 Effect::StartRefused { reason } => counter!(m::START_REQUESTS_REFUSED, "reason" => reason).increment(1),
+                Effect::Parked { saga_type, trigger } => {
+                    counter!(m::SAGA_UNPROCESSABLE, "saga_type" => saga_type, "trigger" => trigger).increment(1)
+                }
             }
         }
     }
@@ -100,6 +119,8 @@ pub(crate) enum StartError {
     UnknownType { given: String, known: String },
     #[error("the saga input must be a JSON object")]
     InputNotObject,
+    #[error("{0}")]
+    Unstorable(String),
     #[error("idempotency key {key:?} was already used for a different request (saga {existing})")]
     KeyReused { key: String, existing: Uuid },
     #[error(transparent)]
@@ -121,6 +142,26 @@ pub(crate) enum ApplyError {
     Corrupt(#[from] store::CorruptRow),
     #[error("saga {0} changed under a held lock (version guard failed)")]
     VersionConflict(Uuid),
+}
+
+impl ApplyError {
+    /// Whether the error belongs to the saga (it would fail the same way on every try: its
+    /// stored state cannot be read, or Postgres refuses a value written for it), rather than to
+    /// the database (unreachable, overloaded), which trying again later fixes.
+    pub(crate) fn is_the_sagas(&self) -> bool {
+        match self {
+            ApplyError::Corrupt(_) => true,
+            ApplyError::VersionConflict(_) => false,
+            ApplyError::Database(error) => match error {
+                sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::Encode(_) => true,
+                // Data exceptions (22), integrity violations (23), program limits (54).
+                sqlx::Error::Database(e) => {
+                    e.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
+                }
+                _ => false,
+            },
+        }
+    }
 }
 
 /// What an operator asks of a saga.
@@ -237,6 +278,11 @@ impl Engine {
         if !request.input.is_object() {
             return Err(StartError::InputNotObject);
         }
+        let texts = [Some(request.idempotency_key.as_str()), request.business_key.as_deref()];
+        if let Some(error) = texts.into_iter().flatten().find_map(|t| saga_defs::storable::check_text(t).err()) {
+            return Err(StartError::Unstorable(error));
+        }
+        saga_defs::storable::check(&request.input).map_err(|e| StartError::Unstorable(format!("input: {e}")))?;
         let hash = request_hash(request.saga_type.as_str(), request.business_key.as_deref(), &request.input);
         let clock = clock();
         let transition = saga_defs::start(definition, clock);
@@ -350,6 +396,70 @@ impl Engine {
         self.apply(conn, row, &SagaEvent::TimerFired, origin, effects).await
     }
 
+    /// Moves a saga that cannot be processed aside: `NEEDS_ATTENTION` with code
+    /// `UNPROCESSABLE_SAGA` and the reason, a history entry, a lifecycle event and a metric,
+    /// without reading its JSON. Nothing happens to a saga that has ended.
+    pub(crate) async fn park(
+        &self,
+        conn: &mut PgConnection,
+        id: Uuid,
+        trigger: &str,
+        reason: &str,
+        effects: &mut Effects,
+    ) -> sqlx::Result<()> {
+        let now = Utc::now();
+        let code = saga_defs::contract::codes::UNPROCESSABLE_SAGA;
+        let Some(parked) = store::park(conn, id, code, reason, now).await? else { return Ok(()) };
+        let summary = format!("could not be processed: {reason}; needs a human");
+        let from_status = parked.status_before.parse::<SagaStatus>().ok();
+        store::append_history(
+            conn,
+            HistoryEntry {
+                saga_id: id,
+                version: parked.version,
+                from_status,
+                to_status: SagaStatus::NeedsAttention,
+                trigger,
+                summary: &summary,
+                detail: json!({"parked": {"code": code, "reason": reason}}),
+                now,
+            },
+        )
+        .await?;
+        if let (Ok(saga_type), Ok(step)) =
+            (saga_defs::SagaType::parse(parked.saga_type.clone()), saga_defs::StepName::parse(parked.step_name.clone()))
+        {
+            let payload = SagaLifecycleEvent {
+                schema_version: SCHEMA_VERSION,
+                event_id: Uuid::now_v7(),
+                event_type: LifecycleEventType::NeedsAttention,
+                saga_id: SagaId::from(id),
+                saga_type,
+                definition_version: parked.definition_version as u32,
+                business_key: parked.business_key.clone(),
+                status: SagaStatus::NeedsAttention,
+                version: parked.version,
+                failure: None,
+                attention: Some(saga_defs::messages::FailureInfo {
+                    step,
+                    code: code.to_owned(),
+                    message: reason.to_owned(),
+                }),
+                occurred_at: now,
+            };
+            outbox::insert(conn, &[OutboxMessage::new(self.topic(EVENTS_TOPIC), id, MESSAGE_TYPE_EVENT, &payload)])
+                .await?;
+        }
+        effects.0.push(Effect::Parked { saga_type: parked.saga_type.clone(), trigger: trigger.to_lowercase() });
+        effects.0.push(Effect::Ended {
+            saga_type: parked.saga_type,
+            status: SagaStatus::NeedsAttention,
+            seconds: (now - parked.created_at).num_milliseconds() as f64 / 1000.0,
+        });
+        tracing::error!(saga_id = %id, trigger, reason, "saga cannot be processed; parked as NEEDS_ATTENTION");
+        Ok(())
+    }
+
     /// An operator's retry or abort of the saga `id`, which this call locks.
     pub(crate) async fn operate(
         &self,
@@ -375,6 +485,8 @@ impl Engine {
             Operation::Abort => SagaEvent::Abort { reason: String::new() },
         };
         let state = row.state().map_err(ApplyError::from)?;
+        row.input().map_err(ApplyError::from)?;
+        row.outputs().map_err(ApplyError::from)?;
         saga_defs::apply(definition, &state, &event, clock()).map(|_| ()).map_err(OperateError::Refused)
     }
 
@@ -461,6 +573,9 @@ impl Engine {
         effects: &mut Effects,
     ) -> Result<Result<(Transition, String), TransitionError>, ApplyError> {
         let state = row.state()?;
+        // Read now, so that an unreadable saga fails before anything was written.
+        row.input()?;
+        row.outputs()?;
         let clock = clock();
         let transition = match saga_defs::apply(definition, &state, event, clock) {
             Ok(transition) => transition,
@@ -478,7 +593,8 @@ impl Engine {
         if !store::update(conn, &row, next, step_name, new_output, clock.now).await? {
             return Err(ApplyError::VersionConflict(row.id));
         }
-        let mut outputs = row.outputs.clone();
+        let input = row.input()?.clone();
+        let mut outputs = row.outputs()?.clone();
         if let (Some((step, output)), Some(map)) = (new_output, outputs.as_object_mut()) {
             map.insert(step.to_owned(), output.clone());
         }
@@ -499,7 +615,7 @@ impl Engine {
                 seconds: started.map(|s| (clock.now - s).num_milliseconds() as f64 / 1000.0),
             });
         }
-        self.write_effects(conn, row.id, definition, &row.input, &outputs, &transition, clock.now).await?;
+        self.write_effects(conn, row.id, definition, &input, &outputs, &transition, clock.now).await?;
         let mut summary = describe(definition, Some(&state), origin.trigger, &transition);
         let mut history_detail = detail(&transition, origin.message_id);
         if let Some(operator) = origin.operator {

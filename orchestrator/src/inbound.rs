@@ -13,7 +13,8 @@ use saga_runtime::dead_letter::{self, Reason};
 use saga_runtime::outbox;
 use sqlx::PgPool;
 
-use crate::engine::{Effects, Engine, StartError};
+use crate::admission::Admission;
+use crate::engine::{ApplyError, Effects, Engine, StartError};
 
 /// The name on the orchestrator's dead letters.
 const SERVICE: &str = "saga-orchestrator";
@@ -23,6 +24,7 @@ pub(crate) struct Inbound {
     pub(crate) engine: Arc<Engine>,
     pub(crate) replies_topic: String,
     pub(crate) start_topic: String,
+    pub(crate) admission: Arc<Admission>,
 }
 
 enum Message {
@@ -52,16 +54,24 @@ fn invalid(error: serde_json::Error) -> Reason {
     Reason::new("invalid_json", format!("not a valid message: {error}"))
 }
 
+/// Reads a JSON message, refusing any value Postgres could not store and give back.
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Reason> {
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(invalid)?;
+    saga_defs::storable::check(&value)
+        .map_err(|e| Reason::new("unstorable", format!("the message holds a value that cannot be stored: {e}")))?;
+    serde_json::from_value(value).map_err(invalid)
+}
+
 impl Inbound {
     fn parse(&self, record: &Record) -> Result<Message, Reason> {
         if record.topic == self.replies_topic {
-            let reply: ReplyEnvelope = serde_json::from_slice(read(record, MESSAGE_TYPE_REPLY)?).map_err(invalid)?;
+            let reply: ReplyEnvelope = decode(read(record, MESSAGE_TYPE_REPLY)?)?;
             if reply.schema_version != SCHEMA_VERSION {
                 return Err(unsupported_schema(reply.schema_version));
             }
             Ok(Message::Reply(reply))
         } else if record.topic == self.start_topic {
-            let start: StartSagaRequest = serde_json::from_slice(read(record, MESSAGE_TYPE_START)?).map_err(invalid)?;
+            let start: StartSagaRequest = decode(read(record, MESSAGE_TYPE_START)?)?;
             if start.schema_version != SCHEMA_VERSION {
                 return Err(unsupported_schema(start.schema_version));
             }
@@ -79,14 +89,25 @@ impl BatchHandler for Inbound {
         let mut dead = Vec::new();
         for record in records {
             let verdict = match self.parse(record) {
-                Ok(Message::Reply(reply)) => self.engine.on_reply(&mut tx, &reply, &mut effects).await?,
+                Ok(Message::Reply(reply)) => match self.engine.on_reply(&mut tx, &reply, &mut effects).await {
+                    Ok(verdict) => verdict,
+                    // Found before anything was written for it: the saga is parked in this
+                    // transaction, and the reply kept in the dead-letter topic for a replay once
+                    // the saga is fixed.
+                    Err(ApplyError::Corrupt(error)) => {
+                        let reason = format!("{error}");
+                        self.engine.park(&mut tx, reply.saga_id.as_uuid(), "REPLY", &reason, &mut effects).await?;
+                        Some(Reason::new("unprocessable_saga", reason))
+                    }
+                    Err(error) => return Err(error.into()),
+                },
                 Ok(Message::Start(request)) => match self.engine.start(&mut tx, &request, &mut effects).await {
                     Ok(_) => None,
                     Err(StartError::Database(error)) => return Err(error.into()),
                     Err(error) => {
                         let label = match error {
                             StartError::UnknownType { .. } => "unknown_saga_type",
-                            StartError::InputNotObject => "invalid_input",
+                            StartError::InputNotObject | StartError::Unstorable(_) => "invalid_input",
                             _ => "idempotency_key_reused",
                         };
                         effects.start_refused(label);
@@ -107,6 +128,9 @@ impl BatchHandler for Inbound {
         let messages: Vec<_> = dead.iter().map(|(m, _)| m.clone()).collect();
         outbox::insert(&mut tx, &messages).await?;
         tx.commit().await?;
+        for saga_type in effects.created() {
+            self.admission.started(saga_type);
+        }
         effects.record();
         for (message, label) in dead {
             let source = message.topic.trim_end_matches(".dlq");
@@ -121,5 +145,14 @@ impl BatchHandler for Inbound {
 
     fn service(&self) -> &str {
         SERVICE
+    }
+
+    /// Start requests wait in Kafka while a saga type is at its bound of sagas in flight.
+    async fn paused_topics(&self) -> Vec<String> {
+        if self.admission.any_saturated() {
+            vec![self.start_topic.clone()]
+        } else {
+            Vec::new()
+        }
     }
 }

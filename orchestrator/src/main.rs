@@ -1,5 +1,6 @@
 //! The saga orchestrator. `main` only wires the parts together.
 
+mod admission;
 mod config;
 mod dead_letters;
 mod engine;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches};
 use saga_defs::contract::{commands_topic, EVENTS_TOPIC, REPLIES_TOPIC, START_REQUESTS_TOPIC};
 use saga_defs::Registry;
-use saga_runtime::{consumer, db, dead_letter, health, kafka, outbox, shutdown, telemetry};
+use saga_runtime::{consumer, db, dead_letter, health, kafka, outbox, shutdown, supervisor, telemetry};
 use secrecy::ExposeSecret;
 
 use crate::config::{Command, Config};
@@ -112,46 +113,62 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let start_topic = config.kafka.topic(START_REQUESTS_TOPIC);
     let consumer =
         kafka::consumer(&config.kafka, &config.kafka_group_id, &[replies_topic.clone(), start_topic.clone()])?;
-    let engine = Arc::new(engine::Engine::new(registry, config.kafka.kafka_topic_prefix.clone()));
+    let engine = Arc::new(engine::Engine::new(registry.clone(), config.kafka.kafka_topic_prefix.clone()));
     let shutdown = shutdown::on_signal();
-
-    let mut tasks = vec![
-        tokio::spawn(outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone())),
-        tokio::spawn(outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone())),
-        tokio::spawn(timers::run(
-            pool.clone(),
-            engine.clone(),
-            config.timer_interval,
-            config.timer_batch_size,
-            shutdown.clone(),
-        )),
-        tokio::spawn(timers::sample_gauges(
-            pool.clone(),
-            config.database.database_max_connections,
-            Duration::from_secs(5),
-            shutdown.clone(),
-        )),
-    ];
-    let inbound = inbound::Inbound { pool: pool.clone(), engine: engine.clone(), replies_topic, start_topic };
+    let mut supervisor = supervisor::Supervisor::new(shutdown.clone());
+    supervisor.spawn(
+        "outbox-relay",
+        outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()),
+    );
+    supervisor
+        .spawn("outbox-gauges", outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+    supervisor.spawn(
+        "timers",
+        timers::run(pool.clone(), engine.clone(), config.timer_interval, config.timer_batch_size, shutdown.clone()),
+    );
+    let admission =
+        Arc::new(admission::Admission::new(config.max_in_flight.clone(), registry.all().map(|d| d.name.to_string())));
+    supervisor.spawn("admission", admission.clone().run(pool.clone(), shutdown.clone()));
+    let inbound = inbound::Inbound {
+        pool: pool.clone(),
+        engine: engine.clone(),
+        replies_topic,
+        start_topic: start_topic.clone(),
+        admission: admission.clone(),
+    };
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    supervisor.spawn("consumer", async move {
         consumer::run(&consumer, settings, &inbound, consumer_shutdown).await;
-    }));
+    });
 
     let dead_letter_topics = all_topics.into_iter().filter(|t| t.ends_with(".dlq")).collect();
     let dead_letters = dead_letters::DeadLetters::new(config.kafka.clone(), dead_letter_topics, producer.clone());
+    let start_queue = Arc::new(http::StartQueue {
+        kafka: config.kafka.clone(),
+        group: config.kafka_group_id.clone(),
+        topic: start_topic,
+    });
+    supervisor.spawn(
+        "saga-gauges",
+        timers::sample_gauges(
+            pool.clone(),
+            config.database.database_max_connections,
+            start_queue.clone(),
+            Duration::from_secs(5),
+            shutdown.clone(),
+        ),
+    );
     let state = http::AppState {
         pool: pool.clone(),
         engine,
         redact: Arc::new(config.redact_fields.clone()),
         dead_letters: Arc::new(dead_letters),
+        admission,
+        start_queue,
     };
-    let readiness = health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer };
-    let router = http::finish(http::router(state, auth).merge(health::router(readiness)));
-    let served = health::serve(config.http_addr, router, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(tasks)).await;
-    pool.close().await;
-    served
+    let readiness =
+        health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer, tasks: supervisor.health() };
+    let router = health::finish(http::router(state, auth).merge(health::router(readiness)));
+    supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await
 }

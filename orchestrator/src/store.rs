@@ -16,8 +16,8 @@ pub(crate) struct SagaRow {
     pub(crate) saga_type: String,
     pub(crate) definition_version: i32,
     pub(crate) business_key: Option<String>,
-    pub(crate) input: Value,
-    pub(crate) outputs: Value,
+    pub(crate) input: StoredJson,
+    pub(crate) outputs: StoredJson,
     pub(crate) status: String,
     pub(crate) step_index: i32,
     pub(crate) step_name: String,
@@ -38,9 +38,42 @@ pub(crate) struct SagaRow {
     pub(crate) ended_at: Option<DateTime<Utc>>,
 }
 
+/// A JSON column as stored, or why it cannot be read. Reading a row never fails on its JSON:
+/// one unreadable value (a number serde_json cannot read back, written before such numbers were
+/// refused at the door, or by hand) must not fail a whole page of the list or a whole batch of
+/// the timer loop. The engine treats an unreadable value as [`CorruptRow`] and parks that saga.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredJson(pub(crate) Result<Value, String>);
+
+impl sqlx::Type<Postgres> for StoredJson {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <Value as sqlx::Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <Value as sqlx::Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for StoredJson {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(Self(<Value as sqlx::Decode<'r, Postgres>>::decode(value).map_err(|e| e.to_string())))
+    }
+}
+
+impl StoredJson {
+    /// The value, or a placeholder saying why it cannot be shown.
+    pub(crate) fn or_placeholder(&self) -> Value {
+        match &self.0 {
+            Ok(value) => value.clone(),
+            Err(error) => serde_json::json!({"unreadable": error}),
+        }
+    }
+}
+
 /// A stored value the code cannot read: a bug or a manual edit, never user input.
 #[derive(Debug, thiserror::Error)]
-#[error("saga {saga_id}: stored {column} {value:?} is not valid")]
+#[error("saga {saga_id}: stored {column} is not valid: {value}")]
 pub(crate) struct CorruptRow {
     saga_id: Uuid,
     column: &'static str,
@@ -59,6 +92,14 @@ fn failure(step: &Option<String>, code: &Option<String>, reason: &Option<String>
 }
 
 impl SagaRow {
+    pub(crate) fn input(&self) -> Result<&Value, CorruptRow> {
+        self.input.0.as_ref().map_err(|e| self.corrupt("input", e))
+    }
+
+    pub(crate) fn outputs(&self) -> Result<&Value, CorruptRow> {
+        self.outputs.0.as_ref().map_err(|e| self.corrupt("outputs", e))
+    }
+
     pub(crate) fn status(&self) -> Result<SagaStatus, CorruptRow> {
         self.status.parse().map_err(|_| self.corrupt("status", &self.status))
     }
@@ -331,6 +372,46 @@ pub(crate) async fn append_history(conn: &mut PgConnection, entry: HistoryEntry<
     Ok(())
 }
 
+/// What `park` changed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct Parked {
+    pub(crate) status_before: String,
+    pub(crate) saga_type: String,
+    pub(crate) definition_version: i32,
+    pub(crate) business_key: Option<String>,
+    pub(crate) step_name: String,
+    pub(crate) version: i64,
+    pub(crate) created_at: DateTime<Utc>,
+}
+
+/// Moves an unfinished saga that cannot be processed to `NEEDS_ATTENTION` with `code` and
+/// `reason`, reading none of its JSON. `None` if it is not unfinished (or does not exist).
+pub(crate) async fn park(
+    conn: &mut PgConnection,
+    id: Uuid,
+    code: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> sqlx::Result<Option<Parked>> {
+    sqlx::query_as(
+        "WITH before AS (
+             SELECT id, status FROM saga_instances WHERE id = $1 AND status IN ('RUNNING', 'COMPENSATING') FOR UPDATE
+         )
+         UPDATE saga_instances s SET status = 'NEEDS_ATTENTION', waiting = 'NOTHING', wake_at = NULL,
+             attention_step = s.step_name, attention_code = $2, attention_reason = $3,
+             version = s.version + 1, updated_at = $4, ended_at = $4
+         FROM before WHERE s.id = before.id
+         RETURNING before.status AS status_before, s.saga_type, s.definition_version, s.business_key, s.step_name,
+             s.version, s.created_at",
+    )
+    .bind(id)
+    .bind(code)
+    .bind(reason)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}
+
 /// Locks up to `limit` sagas whose wake-up time has passed, skipping those another replica holds.
 pub(crate) async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(
@@ -351,7 +432,7 @@ pub(crate) struct AttemptRow {
     pub(crate) status: String,
     pub(crate) error_code: Option<String>,
     pub(crate) error_message: Option<String>,
-    pub(crate) output: Option<Value>,
+    pub(crate) output: Option<StoredJson>,
     pub(crate) started_at: DateTime<Utc>,
     pub(crate) deadline_at: DateTime<Utc>,
     pub(crate) finished_at: Option<DateTime<Utc>>,
@@ -777,5 +858,86 @@ mod plan_tests {
         let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
         assert!(failures.is_empty(), "filters not served by an index:\n{}", failures.join("\n\n"));
+    }
+}
+
+/// Against the real Postgres: every JSON value that `saga_defs::storable::check` accepts comes
+/// back from `jsonb` through sqlx as the same value, and every number it refuses would not.
+#[cfg(test)]
+mod round_trip_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter_map("finite", |x| serde_json::Number::from_f64(x).map(Value::Number)),
+            // The top of the double range, where serde_json cannot read Postgres's digits back.
+            (0u64..2_000_000, any::<bool>()).prop_map(|(below, negative)| {
+                let x = f64::from_bits(f64::MAX.to_bits() - below);
+                Value::from(if negative { -x } else { x })
+            }),
+            (1u32..1075).prop_map(|shift| Value::from(2f64.powi(-(shift as i32)))),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![8 => "[a-z0-9 ]{0,8}", 1 => "\\PC{0,4}", 1 => "[a\u{0}]{1,3}"]
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf =
+            prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::from), number(), text().prop_map(Value::from)];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(text(), inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Equal as JSON values: numbers by value (Postgres may print 5e18 as 5000000000000000000).
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ => x.as_f64() == y.as_f64(),
+            },
+            (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y)),
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn what_is_accepted_is_read_back_unchanged_and_what_is_refused_would_not_be() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let pool = runtime
+            .block_on(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&format!("{base}/postgres")))
+            .expect("Postgres is running");
+        let config = ProptestConfig { cases: 400, ..ProptestConfig::default() };
+        proptest!(config, |(value in json())| {
+            let back: Result<Value, sqlx::Error> =
+                runtime.block_on(sqlx::query_scalar("SELECT $1::jsonb").bind(&value).fetch_one(&pool));
+            match saga_defs::storable::check(&value) {
+                Ok(()) => {
+                    let back = back.map_err(|e| TestCaseError::fail(format!("accepted {value} but: {e}")))?;
+                    prop_assert!(same(&value, &back), "accepted {} but read back {}", value, back);
+                }
+                Err(refused) if refused.reason.contains("NUL") => {
+                    prop_assert!(back.is_err(), "refused {value} ({refused}) but Postgres stored it");
+                }
+                Err(refused) => {
+                    let changed = back.as_ref().map_or(true, |b| !same(&value, b));
+                    prop_assert!(changed, "refused {value} ({refused}) but it comes back unchanged");
+                }
+            }
+        });
     }
 }

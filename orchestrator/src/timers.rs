@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use metrics::gauge;
 use saga_runtime::CancellationToken;
-use sqlx::PgPool;
+use sqlx::{Acquire, PgPool};
 
 use crate::engine::{Effects, Engine};
 use crate::metrics as m;
@@ -40,21 +40,47 @@ pub(crate) async fn run(
     }
 }
 
+/// Handles one batch of due sagas in one transaction, each in a savepoint of its own: a saga
+/// that cannot be processed is rolled back alone and parked (`NEEDS_ATTENTION`,
+/// `UNPROCESSABLE_SAGA`), and the others go on. Only an error of the database itself (it does not
+/// answer) fails the batch, to be tried again.
 async fn tick(pool: &PgPool, engine: &Engine, batch: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let due = store::claim_due(&mut tx, Utc::now(), batch).await?;
     let mut effects = Effects::default();
     for id in &due {
-        engine.on_timer(&mut tx, *id, &mut effects).await?;
+        let mut item = Effects::default();
+        let mut savepoint = tx.begin().await?;
+        match engine.on_timer(&mut savepoint, *id, &mut item).await {
+            Ok(()) => {
+                savepoint.commit().await?;
+                effects.extend(item);
+            }
+            Err(error) if error.is_the_sagas() => {
+                savepoint.rollback().await?;
+                engine.park(&mut tx, *id, "TIMER", &format!("{error:#}"), &mut effects).await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     tx.commit().await?;
     effects.record();
     Ok(due.len())
 }
 
-/// Samples `saga_in_flight`, `saga_oldest_in_flight_age_seconds` and `database_connections`.
-pub(crate) async fn sample_gauges(pool: PgPool, max_connections: u32, every: Duration, shutdown: CancellationToken) {
+/// Samples `saga_in_flight`, `saga_oldest_in_flight_age_seconds`, `database_connections` and
+/// `saga_start_requests_waiting`.
+pub(crate) async fn sample_gauges(
+    pool: PgPool,
+    max_connections: u32,
+    start_queue: Arc<crate::http::StartQueue>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
+        if let Some(depth) = start_queue.depth().await {
+            gauge!(m::START_REQUESTS_WAITING).set(depth as f64);
+        }
         let counts: sqlx::Result<Vec<(String, i64, Option<f64>)>> = sqlx::query_as(
             "SELECT s.status, count(i.id), EXTRACT(EPOCH FROM now() - min(i.created_at))::float8
              FROM (VALUES ('RUNNING'), ('COMPENSATING')) AS s(status)

@@ -43,6 +43,9 @@ pub mod codes {
     pub const ABORTED: &str = "ABORTED";
     /// Recorded when a completed step has no compensation, so the saga cannot be undone.
     pub const NOT_COMPENSATABLE: &str = "NOT_COMPENSATABLE";
+    /// Recorded by the orchestrator for a saga it cannot process (its stored state cannot be
+    /// read, or a write of it is refused): parked for a human instead of stopping other sagas.
+    pub const UNPROCESSABLE_SAGA: &str = "UNPROCESSABLE_SAGA";
     /// Stored by a participant for an action whose compensation arrived first: a late action is refused.
     pub const ALREADY_COMPENSATED: &str = "ALREADY_COMPENSATED";
 }

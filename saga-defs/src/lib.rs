@@ -11,6 +11,7 @@ pub mod ids;
 pub mod machine;
 pub mod messages;
 pub mod status;
+pub mod storable;
 
 pub use definition::{DefinitionError, Registry, RetryPolicy, SagaDefinition, StepDefinition};
 pub use ids::{SagaId, SagaType, StepName};

@@ -466,3 +466,6 @@ fn to_chrono(duration: std::time::Duration) -> ChronoDuration {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod properties;

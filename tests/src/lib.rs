@@ -492,6 +492,23 @@ impl System {
             .sum())
     }
 
+    /// Waits until a service's process exits on its own; returns how long that took and its status.
+    pub async fn wait_exit(
+        &self,
+        service: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(Duration, std::process::ExitStatus)> {
+        let started = Instant::now();
+        let mut child = self.processes().get_mut(service).and_then(|p| p.child.take()).context("not running")?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => Ok((started.elapsed(), status?)),
+            Err(_) => {
+                self.processes().get_mut(service).context("unknown service")?.child = Some(child);
+                bail!("{service} still running after {timeout:?}")
+            }
+        }
+    }
+
     /// Whether a service's process has exited (crashed) since it was started.
     pub fn has_exited(&self, service: &str) -> bool {
         let mut processes = self.processes();

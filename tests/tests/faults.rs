@@ -246,32 +246,37 @@ async fn poison_messages_are_dead_lettered_listed_and_replayed_after_the_fix() -
 /// participant's transaction) is dead-lettered after its retries, and the rest flows on.
 #[tokio::test]
 async fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() -> anyhow::Result<()> {
-    let system = start(Options::default()).await?;
+    // The inventory fails the transaction of any command marked so, every time (a bug, say).
+    let system =
+        start(Options::default().env("inventory", "FAILPOINTS", "participant.fail_on_input=return(FAILS-ALWAYS)"))
+            .await?;
     let before = faults::stock_up(&system, &["FAULT-A"], 10_000).await?;
-    // A reserve command whose SKU holds a NUL character (valid JSON, but not storable as Postgres
-    // text) fails inside the participant's transaction every time.
-    let saga_id = uuid::Uuid::new_v4();
-    let command = json!({"schema_version": 1, "message_id": uuid::Uuid::new_v4(), "saga_id": saga_id,
-        "saga_type": "order-fulfilment", "step": "reserve_inventory", "kind": "ACTION", "action": "reserve_inventory",
-        "attempt": 1, "reply_to": format!("{}saga-replies", system.topic_prefix()),
-        "input": {"items": [{"sku": "FAULT\u{0}A", "quantity": 1}]}, "outputs": {},
-        "deadline": "2030-01-01T00:00:00Z"});
-    let payload = command.to_string();
-    system
-        .publish(
-            "inventory-commands",
-            &saga_id.to_string(),
-            Some(payload.as_bytes()),
-            &[("message-type", "saga.command")],
-        )
-        .await?;
+    let command = |sku: &str| {
+        let saga_id = uuid::Uuid::new_v4();
+        let command = json!({"schema_version": 1, "message_id": uuid::Uuid::new_v4(), "saga_id": saga_id,
+            "saga_type": "order-fulfilment", "step": "reserve_inventory", "kind": "ACTION", "action": "reserve_inventory",
+            "attempt": 1, "reply_to": format!("{}saga-replies", system.topic_prefix()),
+            "input": {"items": [{"sku": sku, "quantity": 1}]}, "outputs": {},
+            "deadline": "2030-01-01T00:00:00Z"});
+        (saga_id.to_string(), command.to_string())
+    };
+    // And a command holding a NUL character (valid JSON, never storable): refused at once.
+    for sku in ["FAILS-ALWAYS", "FAULT\u{0}A"] {
+        let (key, payload) = command(sku);
+        system
+            .publish("inventory-commands", &key, Some(payload.as_bytes()), &[("message-type", "saga.command")])
+            .await?;
+    }
     let placed = faults::place_many(&system, "keeps-failing", 10, 20.0, &["FAULT-A"], Kind::mix).await?;
     faults::settle(&system, &placed, SETTLE).await?;
-    let report = faults::check(&system, &placed, &before, &Expect { dead_letters: 1, ..Expect::default() }).await?;
+    let report = faults::check(&system, &placed, &before, &Expect { dead_letters: 2, ..Expect::default() }).await?;
     report.assert_clean()?;
     let (_, page) = system.api_get("/api/v1/dead-letters?reason=keeps_failing").await?;
     assert_eq!(page["count"], 1, "{page:#}");
     assert_eq!(page["items"][0]["service"], "inventory-service");
+    let (_, page) = system.api_get("/api/v1/dead-letters?reason=unstorable").await?;
+    assert_eq!(page["count"], 1, "{page:#}");
+    assert!(page["items"][0]["error"].as_str().unwrap_or("").contains("NUL"), "{page:#}");
     system.stop().await
 }
 

@@ -8,7 +8,7 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::auth::Principal;
+use super::auth::{Principal, Scope};
 use super::error::Problem;
 use super::operations::{parse_body, reason_unless_dry_run};
 use super::params::{self, MAX_LIMIT};
@@ -88,6 +88,7 @@ impl AppState {
 )]
 pub(crate) async fn list(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let Query(query) = query.map_err(|e| {
@@ -99,8 +100,26 @@ pub(crate) async fn list(
     };
     let topics = state.topics_named(query.topic.as_deref())?;
     let selection = Selection { topics: topics.clone(), reason: query.reason, replayed: query.replayed };
-    let items: Vec<DeadLetter> = state.select(&selection, limit).await?.into_iter().map(|l| l.view).collect();
+    let mut items: Vec<DeadLetter> = state.select(&selection, limit).await?.into_iter().map(|l| l.view).collect();
+    if principal.scope < Scope::Admin {
+        for item in &mut items {
+            redact_payload(item, &state.redact);
+        }
+    }
     Ok(Json(DeadLetterPage { topics, count: items.len(), items }))
+}
+
+/// What a read-scope token sees of a dead letter's payload: as the saga detail shows an input,
+/// with the sensitive fields (`REDACT_FIELDS`, at any depth) as "[redacted]". A payload that is
+/// not JSON cannot be redacted field by field, so it is not shown at all.
+fn redact_payload(item: &mut DeadLetter, fields: &[String]) {
+    item.payload = item.payload.take().map(|text| match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(value) => super::sagas::redact(&value, fields).to_string(),
+        Err(_) => "[redacted: not JSON; an admin token shows it]".to_owned(),
+    });
+    if item.payload_base64.take().is_some() {
+        item.payload = Some("[redacted: not UTF-8; an admin token shows it]".to_owned());
+    }
 }
 
 /// What to replay: some dead letters by id, or all not yet replayed (of a topic, of a reason).
@@ -156,6 +175,7 @@ pub(crate) struct ReplayResult {
     responses(
         (status = 200, body = ReplayResult),
         (status = 400, description = "Bad ids, topic or reason", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No dead letter at one of the ids", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["admin"]))
 )]
@@ -183,16 +203,22 @@ pub(crate) async fn replay(
             if body.ids.len() > MAX_LIMIT as usize {
                 return Err(ApiError::BadRequest(format!("at most {MAX_LIMIT} ids at once")));
             }
-            let mut found = Vec::with_capacity(body.ids.len());
-            let mut missing = Vec::new();
-            for id in &body.ids {
-                let (topic, partition, offset) = dead_letters::parse_id(id.trim()).ok_or_else(|| {
+            let mut wanted = Vec::with_capacity(body.ids.len());
+            let mut ids: Vec<&str> = body.ids.iter().map(|id| id.trim()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for id in &ids {
+                let (topic, partition, offset) = dead_letters::parse_id(id).ok_or_else(|| {
                     ApiError::BadRequest(format!("{id:?} is not a dead letter id (topic/partition@offset)"))
                 })?;
-                let topic = state.topics_named(Some(&topic))?.remove(0);
-                match state.dead_letters.get(topic, partition, offset).await? {
+                wanted.push((state.topics_named(Some(&topic))?.remove(0), partition, offset));
+            }
+            let mut found = Vec::with_capacity(wanted.len());
+            let mut missing = Vec::new();
+            for (id, letter) in ids.iter().zip(state.dead_letters.get_many(wanted).await?) {
+                match letter {
                     Some(letter) => found.push(letter),
-                    None => missing.push(id.clone()),
+                    None => missing.push((*id).to_owned()),
                 }
             }
             if !missing.is_empty() {

@@ -17,15 +17,27 @@ pub(crate) enum ApiError {
     IdempotencyKeyReused(String),
     #[error("request body larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// A bound was reached: come back after `Retry-After`.
+    #[error("{0}")]
+    Saturated(String),
+    /// No database connection was free in time: overload, not a fault.
+    #[error("the service is overloaded; try again shortly")]
+    Overloaded,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        ApiError::Internal(error.into())
+        match error {
+            sqlx::Error::PoolTimedOut => ApiError::Overloaded,
+            other => ApiError::Internal(other.into()),
+        }
     }
 }
+
+/// Seconds a client is asked to wait after a 429 or 503.
+const RETRY_AFTER_SECONDS: &str = "1";
 
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str) {
@@ -35,6 +47,8 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "saga-state-conflict"),
             ApiError::IdempotencyKeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            ApiError::Saturated(_) => (StatusCode::TOO_MANY_REQUESTS, "saturated"),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -50,7 +64,13 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        saga_runtime::health::problem(status, kind, detail)
+        let mut response = saga_runtime::health::problem(status, kind, detail);
+        if matches!(self, ApiError::Saturated(_) | ApiError::Overloaded) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 

@@ -3,6 +3,7 @@
 //! routes that exist.
 
 pub(crate) mod auth;
+mod constraints;
 mod dead_letters;
 mod definitions;
 mod error;
@@ -38,6 +39,29 @@ pub(crate) struct AppState {
     pub(crate) engine: Arc<Engine>,
     pub(crate) redact: Arc<Vec<String>>,
     pub(crate) dead_letters: Arc<crate::dead_letters::DeadLetters>,
+    pub(crate) admission: Arc<crate::admission::Admission>,
+    pub(crate) start_queue: Arc<StartQueue>,
+}
+
+/// Where start requests wait while admission holds them back.
+pub(crate) struct StartQueue {
+    pub(crate) kafka: saga_runtime::config::KafkaConfig,
+    pub(crate) group: String,
+    pub(crate) topic: String,
+}
+
+impl StartQueue {
+    /// Start requests not yet taken by the orchestrator; `None` if the brokers did not say.
+    pub(crate) async fn depth(&self) -> Option<i64> {
+        let timeout = std::time::Duration::from_secs(2);
+        match saga_runtime::kafka::group_backlog(&self.kafka, &self.group, &self.topic, timeout).await {
+            Ok(depth) => Some(depth),
+            Err(error) => {
+                tracing::debug!(error = format!("{error:#}"), "reading the start-requests backlog");
+                None
+            }
+        }
+    }
 }
 
 /// Largest request body accepted; larger ones get 413.
@@ -107,7 +131,13 @@ pub(crate) fn openapi() -> OpenApiDoc {
 
 pub(crate) fn router(state: AppState, auth: auth::Auth) -> Router {
     let (routes, _) = api();
-    let doc = Arc::new(openapi());
+    let known = constraints::Known {
+        saga_types: state.engine.registry().all().map(|d| d.name.to_string()).collect(),
+        dead_letter_topics: state.dead_letters.accepted_names(),
+    };
+    let mut doc = serde_json::to_value(openapi()).expect("the OpenAPI document serializes");
+    constraints::apply(&mut doc, &known);
+    let doc = Arc::new(doc);
     let routes = routes.route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }));
     routes
         .with_state(state)
@@ -116,18 +146,15 @@ pub(crate) fn router(state: AppState, auth: auth::Auth) -> Router {
         .layer(middleware::from_fn(track))
 }
 
-/// Outermost layers for every route of the process (API and health): error bodies as
-/// problem+json, and unknown routes as 404 problems.
-pub(crate) fn finish(router: Router) -> Router {
-    router
-        .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
-        .layer(middleware::map_response(saga_runtime::health::problem_responses))
-}
-
 /// Counts and times requests by method, route template and status (never the raw path).
 async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    // Any token is a method to HTTP; only the standard ones get a label of their own, so that
+    // requests, authenticated or not, cannot create series without bound.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" | "TRACE" | "CONNECT") => m.to_owned(),
+        _ => "OTHER".to_owned(),
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -20,10 +20,10 @@ use super::error::Problem;
 use super::params::{FilterSpec, MAX_LIMIT};
 use super::sagas::{idempotency_key, parse_id, SagaSummary};
 use super::{ApiError, AppState};
-use crate::engine::{Effects, OperateError, Operated, Operation, Operator};
+use crate::engine::{ApplyError, Effects, OperateError, Operated, Operation, Operator};
 use crate::store;
 
-const MAX_REASON_LEN: usize = 1000;
+pub(crate) const MAX_REASON_LEN: usize = 1000;
 
 /// Why an operator acts.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -64,8 +64,9 @@ impl From<(&Operation, &Operated)> for ActionResult {
 }
 
 pub(super) fn reason(reason: &str) -> Result<String, ApiError> {
+    let long = reason.chars().count() > MAX_REASON_LEN;
     let reason = reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON_LEN {
+    if reason.is_empty() || long {
         return Err(ApiError::BadRequest(format!("reason must have 1 to {MAX_REASON_LEN} characters")));
     }
     Ok(reason.to_owned())
@@ -80,6 +81,15 @@ pub(super) fn reason_unless_dry_run(given: Option<&str>, dry_run: bool) -> Resul
     }
 }
 
+/// A JSON integer, as JSON Schema counts them: `2` or `2.0`.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    number
+        .as_i64()
+        .or_else(|| number.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
+        .ok_or_else(|| serde::de::Error::custom(format!("{number} is not a whole number")))
+}
+
 pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, shape: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body must be {shape}: {e}")))
 }
@@ -88,6 +98,9 @@ fn operate_error(error: OperateError) -> ApiError {
     match error {
         OperateError::NotFound(id) => ApiError::NotFound(format!("no saga {id}")),
         OperateError::Refused(refusal) => ApiError::Conflict(refusal.to_string()),
+        OperateError::Apply(ApplyError::Corrupt(corrupt)) => {
+            ApiError::Conflict(format!("the saga cannot be processed until its stored state is repaired: {corrupt}"))
+        }
         other => ApiError::Internal(other.into()),
     }
 }
@@ -231,6 +244,7 @@ pub(crate) struct BulkRetryBody {
     #[serde(default)]
     filter: FilterSpec,
     /// Most sagas to touch (1 to 500), oldest first. Required.
+    #[serde(deserialize_with = "whole_number")]
     limit: i64,
     /// Only show what would be retried.
     #[serde(default)]
@@ -325,6 +339,9 @@ pub(crate) async fn bulk_retry(
                             format!("at {} {} attempt {}", row.step_name, row.step_kind, row.attempt),
                         ),
                         Err(OperateError::Refused(refusal)) => item("refused", None, refusal.to_string()),
+                        Err(OperateError::Apply(ApplyError::Corrupt(corrupt))) => {
+                            item("refused", None, corrupt.to_string())
+                        }
                         Err(other) => return Err(operate_error(other)),
                     });
                     continue;
@@ -332,6 +349,10 @@ pub(crate) async fn bulk_retry(
                 match engine.operate_locked(conn, row, &Operation::Retry, &operator, effects).await {
                     Ok(done) => items.push(item("retried", Some(done.status_after.as_str().to_owned()), done.summary)),
                     Err(OperateError::Refused(refusal)) => items.push(item("refused", None, refusal.to_string())),
+                    // Found before anything was written for this saga; the others go on.
+                    Err(OperateError::Apply(ApplyError::Corrupt(corrupt))) => {
+                        items.push(item("refused", None, corrupt.to_string()))
+                    }
                     Err(other) => return Err(operate_error(other)),
                 }
             }

@@ -19,7 +19,7 @@ use super::{ApiError, AppState, BODY_LIMIT};
 use crate::engine::{Effects, StartError, Started};
 use crate::store::{self, Position, SagaRow};
 
-const MAX_KEY_LEN: usize = 255;
+pub(crate) const MAX_KEY_LEN: usize = 255;
 
 /// A saga to start.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -68,6 +68,8 @@ pub(crate) fn idempotency_key(headers: &HeaderMap, required: bool) -> Result<Opt
         (status = 400, description = "Bad input", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Key used for another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The saga type is at its bound of sagas in flight; retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Overloaded (no database connection free in time); retry after Retry-After seconds", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["admin"]))
 )]
@@ -84,6 +86,9 @@ pub(crate) async fn start(
         ApiError::BadRequest(format!("the body must be {{\"saga_type\", \"input\", \"business_key\"?}}: {e}"))
     })?;
     let saga_type = SagaType::parse(body.saga_type).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if body.business_key.as_ref().is_some_and(|k| k.chars().count() > MAX_KEY_LEN) {
+        return Err(ApiError::BadRequest(format!("business_key must have at most {MAX_KEY_LEN} characters")));
+    }
     let request = StartSagaRequest {
         schema_version: SCHEMA_VERSION,
         saga_id: SagaId::new(),
@@ -92,6 +97,15 @@ pub(crate) async fn start(
         business_key: body.business_key,
         input: body.input,
     };
+    if state.admission.saturated(request.saga_type.as_str()) {
+        let mut conn = state.pool.acquire().await?;
+        if store::find_by_key(&mut conn, request.saga_type.as_str(), &request.idempotency_key).await?.is_none() {
+            return Err(ApiError::Saturated(format!(
+                "{} has as many sagas in flight as it may (SAGA_MAX_IN_FLIGHT); try again shortly",
+                request.saga_type
+            )));
+        }
+    }
     let mut tx = state.pool.begin().await?;
     let mut effects = Effects::default();
     let started = state.engine.start(&mut tx, &request, &mut effects).await.map_err(|error| match error {
@@ -100,6 +114,9 @@ pub(crate) async fn start(
         other => ApiError::BadRequest(other.to_string()),
     })?;
     tx.commit().await?;
+    for saga_type in effects.created() {
+        state.admission.started(saga_type);
+    }
     effects.record();
     let (status, id) = match started {
         Started::Created(id) => (StatusCode::CREATED, id),
@@ -299,7 +316,7 @@ pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
         kind: a.kind.clone(),
         attempt: a.attempt,
         status: a.status.clone(),
-        output: a.output.clone(),
+        output: a.output.as_ref().map(store::StoredJson::or_placeholder),
         error_code: a.error_code.clone(),
         error_message: a.error_message.clone(),
         started_at: a.started_at,
@@ -359,8 +376,8 @@ pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
         .collect();
     Ok(Json(SagaDetail {
         summary: SagaSummary::from(&row),
-        input: redact(&row.input, &state.redact),
-        outputs: row.outputs.clone(),
+        input: redact(&row.input.or_placeholder(), &state.redact),
+        outputs: row.outputs.or_placeholder(),
         steps,
         compensations,
         history,
@@ -453,7 +470,7 @@ pub(crate) async fn list(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct StatsParams {
-    /// A duration back from now, e.g. 15m, 1h (the default), 7d. Not with `from`.
+    /// A duration back from `to`, e.g. 15m, 1h (the default), 7d. Ignored when `from` is given.
     window: Option<String>,
     /// Start of the window (RFC 3339). Not with `window`.
     from: Option<String>,
@@ -497,6 +514,10 @@ pub(crate) struct SagaStats {
     /// Sagas needing a human, by the step whose compensation (or pivot) stopped them.
     attention_by_step: Vec<Count>,
     completed_duration_seconds: Option<Percentiles>,
+    /// Now, not over the window: the sagas in flight and their bound, per saga type.
+    admission: std::collections::BTreeMap<String, crate::admission::TypeAdmission>,
+    /// Now: start requests waiting in Kafka for the orchestrator (null if the brokers did not say).
+    start_requests_waiting: Option<i64>,
 }
 
 /// Saga counts, success rate, failures by step and code, and durations over a window.
@@ -519,14 +540,11 @@ pub(crate) async fn stats(
     let now = Utc::now();
     let to = p.to.as_deref().map(|t| params::parse_time("to", t)).transpose()?.unwrap_or(now);
     let from = match (&p.window, &p.from) {
-        (Some(_), Some(_)) => return Err(ApiError::BadRequest("give window or from, not both".into())),
         (Some(window), None) => to - params::parse_duration("window", window)?,
-        (None, Some(from)) => params::parse_time("from", from)?,
+        (_, Some(from)) => params::parse_time("from", from)?,
         (None, None) => to - ChronoDuration::hours(1),
     };
-    if from >= to {
-        return Err(ApiError::BadRequest("from must be earlier than to".into()));
-    }
+    // `from` at or past `to` is an empty window: every count is 0.
     let mut conn = state.pool.acquire().await?;
     let stats = store::stats(&mut conn, from, to, p.saga_type.as_deref()).await?;
     let count =
@@ -545,6 +563,8 @@ pub(crate) async fn stats(
         failures_by_code: counts(&stats.failures_by_code),
         attention_by_step: counts(&stats.attention_by_step),
         completed_duration_seconds: stats.completed_seconds.map(|[p50, p95, p99]| Percentiles { p50, p95, p99 }),
+        admission: state.admission.snapshot(),
+        start_requests_waiting: state.start_queue.depth().await,
     }))
 }
 

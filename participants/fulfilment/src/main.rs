@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         |_| participant::Fulfilment,
         config,
         sqlx::migrate!("../../migrations/fulfilment"),
-        |_| axum::Router::new(),
+        |_| runtime::Api::none(),
     )
     .await
 }

@@ -14,5 +14,5 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: "0.0.0.0:9102",
         database_url: "postgres://postgres@127.0.0.1:5432/saga_inventory",
     });
-    runtime::run(|_| participant::Inventory, config, sqlx::migrate!("../../migrations/inventory"), http::router).await
+    runtime::run(|_| participant::Inventory, config, sqlx::migrate!("../../migrations/inventory"), http::api).await
 }

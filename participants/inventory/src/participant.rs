@@ -22,6 +22,27 @@ struct Order {
     items: Vec<Item>,
 }
 
+/// Most units of one SKU one reservation may take. With [`crate::http::MAX_AVAILABLE`], no sum
+/// of stock and released reservations can come near `i64::MAX`.
+pub(crate) const MAX_QUANTITY: i64 = 1_000_000;
+
+/// One line per SKU, in SKU order (so concurrent reservations lock rows in the same order), or
+/// why the items cannot be reserved.
+fn wanted(items: &[Item]) -> Result<BTreeMap<&str, i64>, String> {
+    let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+    for item in items {
+        if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+            return Err(format!("{}: quantity must be from 1 to {MAX_QUANTITY}, not {}", item.sku, item.quantity));
+        }
+        let line = wanted.entry(item.sku.as_str()).or_default();
+        *line = line
+            .checked_add(item.quantity)
+            .filter(|total| *total <= MAX_QUANTITY)
+            .ok_or_else(|| format!("{}: more than {MAX_QUANTITY} units in one order", item.sku))?;
+    }
+    Ok(wanted)
+}
+
 impl Participant for Inventory {
     const NAME: &'static str = "inventory";
 
@@ -33,17 +54,10 @@ impl Participant for Inventory {
                     Ok(order) => order,
                     Err(refusal) => return Ok(refusal),
                 };
-                if let Some(item) = order.items.iter().find(|i| i.quantity <= 0) {
-                    return Ok(Outcome::Refused(StepError::business(
-                        codes::INVALID_COMMAND,
-                        format!("{}: quantity must be 1 or more, not {}", item.sku, item.quantity),
-                    )));
-                }
-                // One line per SKU, in SKU order, so concurrent reservations lock rows in the same order.
-                let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-                for item in &order.items {
-                    *wanted.entry(item.sku.as_str()).or_default() += item.quantity;
-                }
+                let wanted = match wanted(&order.items) {
+                    Ok(wanted) => wanted,
+                    Err(why) => return Ok(Outcome::Refused(StepError::business(codes::INVALID_COMMAND, why))),
+                };
                 for (sku, quantity) in &wanted {
                     let taken = sqlx::query(
                         "UPDATE stock SET available = available - $2, updated_at = now() WHERE sku = $1 AND available >= $2",
@@ -95,6 +109,35 @@ impl Participant for Inventory {
                 Ok(Outcome::Done(json!({"released": released})))
             }
             _ => Ok(unknown_action(command)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(sku: &str, quantity: i64) -> Item {
+        Item { sku: sku.to_owned(), quantity }
+    }
+
+    #[test]
+    fn lines_of_one_sku_are_added_up() {
+        let items = [item("B", 2), item("A", 1), item("B", 3)];
+        let wanted = wanted(&items).unwrap();
+        assert_eq!(wanted.into_iter().collect::<Vec<_>>(), vec![("A", 1), ("B", 5)]);
+    }
+
+    #[test]
+    fn huge_or_non_positive_quantities_are_refused_without_overflowing() {
+        for items in [
+            vec![item("A", i64::MAX), item("A", i64::MAX)],
+            vec![item("A", MAX_QUANTITY), item("A", 1)],
+            vec![item("A", 0)],
+            vec![item("A", -5)],
+            vec![item("A", i64::MIN)],
+        ] {
+            assert!(wanted(&items).is_err());
         }
     }
 }

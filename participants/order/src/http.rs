@@ -9,8 +9,9 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use saga_defs::contract::{MESSAGE_TYPE_START, ORDER_FULFILMENT, SCHEMA_VERSION, START_REQUESTS_TOPIC};
 use saga_defs::{SagaId, SagaType, StartSagaRequest};
+use saga_runtime::openapi::{json_response, problem, text};
 use saga_runtime::outbox::{self, OutboxMessage};
-use saga_runtime::participant::ApiContext;
+use saga_runtime::participant::{Api, ApiContext};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -18,12 +19,91 @@ use uuid::Uuid;
 
 const BODY_LIMIT: usize = 64 * 1024;
 
-pub(crate) fn router(context: ApiContext) -> Router {
-    Router::new()
+pub(crate) fn api(context: ApiContext) -> Api {
+    let router = Router::new()
         .route("/api/v1/orders", post(place))
         .route("/api/v1/orders/{id}", get(show))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(context)
+        .with_state(context);
+    Api { router, paths: paths(), schemas: schemas() }
+}
+
+const MAX_ITEMS: usize = 100;
+const MAX_QUANTITY: i64 = 10_000;
+const MAX_UNIT_PRICE_CENTS: i64 = 100_000_000;
+
+/// The routes, as the OpenAPI document describes them: every limit `validate` checks.
+fn paths() -> Value {
+    let key = json!({"name": "Idempotency-Key", "in": "header", "required": true,
+        "description": "One order per key; the same key and body again returns the same order",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r#"^[ -~]*[!#-~][ -~]*$"#}});
+    let order = json!({"$ref": "#/components/schemas/Order"});
+    json!({
+        "/api/v1/orders": {"post": {
+            "summary": "Place an order: stored PENDING, and its saga started through the outbox",
+            "parameters": [key],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PlaceOrder"}}}},
+            "responses": {
+                "201": json_response("Placed", order.clone()),
+                "200": json_response("Placed earlier with this key", order.clone()),
+                "400": problem("Bad input, with what is allowed"),
+                "413": problem("Body too large"),
+                "422": problem("The key was used for another order"),
+                "503": problem("Overloaded: nothing was stored; retry after Retry-After"),
+            }}},
+        "/api/v1/orders/{id}": {"get": {
+            "summary": "An order: PENDING, then APPROVED, or REJECTED with the reason",
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
+            "responses": {
+                "200": json_response("The order", order),
+                "400": problem("Not a UUID"),
+                "404": problem("No such order"),
+                "503": problem("Overloaded; retry after Retry-After"),
+            }}},
+    })
+}
+
+fn schemas() -> Value {
+    json!({
+        "PlaceOrder": {"type": "object", "additionalProperties": false,
+            "required": ["customer_id", "items", "payment_token", "shipping_address"],
+            "properties": {
+                "customer_id": text(100),
+                "items": {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": {"$ref": "#/components/schemas/Item"}},
+                "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "default": "USD"},
+                "payment_token": text(200),
+                "shipping_address": {"$ref": "#/components/schemas/Address"},
+            }},
+        "Item": {"type": "object", "additionalProperties": false, "required": ["sku", "quantity", "unit_price_cents"],
+            "properties": {
+                "sku": text(64),
+                "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY},
+                "unit_price_cents": {"type": "integer", "minimum": 0, "maximum": MAX_UNIT_PRICE_CENTS},
+            }},
+        "Address": {"type": "object", "additionalProperties": false, "required": ["line1", "city", "postal_code", "country"],
+            "properties": {
+                "name": {"type": ["string", "null"], "pattern": r"^[^\x00]*$"},
+                "line1": text(200),
+                "line2": {"type": ["string", "null"], "pattern": r"^[^\x00]*$"},
+                "city": text(100),
+                "postal_code": text(20),
+                "country": text(2),
+            }},
+        "Order": {"type": "object",
+            "required": ["id", "customer_id", "items", "total_cents", "currency", "status", "saga_id", "created_at", "updated_at"],
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "customer_id": {"type": "string"},
+                "items": {"type": "array", "items": {"type": "object"}},
+                "total_cents": {"type": "integer"},
+                "currency": {"type": "string"},
+                "status": {"type": "string", "enum": ["PENDING", "APPROVAL_PENDING", "APPROVED", "REJECTED"]},
+                "rejection": {"type": ["object", "null"]},
+                "saga_id": {"type": "string", "format": "uuid"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+            }},
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,21 +118,25 @@ enum ApiError {
     Internal(#[from] sqlx::Error),
 }
 
+impl ApiError {
+    /// 503 with Retry-After for overload (no database connection free in time), else 500.
+    fn internal(self) -> Response {
+        match self {
+            ApiError::Internal(error) => saga_runtime::health::database_error(error),
+            other => other.into_response(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid-request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             ApiError::KeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Internal(_) => return self.internal(),
         };
-        let detail = match &self {
-            ApiError::Internal(error) => {
-                tracing::error!(%error, "request failed");
-                "the server could not handle the request; see its logs".to_owned()
-            }
-            other => other.to_string(),
-        };
+        let detail = self.to_string();
         saga_runtime::health::problem(status, kind, detail)
     }
 }
@@ -97,7 +181,7 @@ impl PlaceOrder {
     /// Checks the request and returns the order total in cents.
     fn validate(&self) -> Result<i64, String> {
         let text = |name: &str, value: &str, max: usize| {
-            if value.trim().is_empty() || value.len() > max {
+            if value.trim().is_empty() || value.chars().count() > max {
                 Err(format!("{name} must have 1 to {max} characters"))
             } else {
                 Ok(())
@@ -105,8 +189,8 @@ impl PlaceOrder {
         };
         text("customer_id", &self.customer_id, 100)?;
         text("payment_token", &self.payment_token, 200)?;
-        if self.items.is_empty() || self.items.len() > 100 {
-            return Err("items must list 1 to 100 items".into());
+        if self.items.is_empty() || self.items.len() > MAX_ITEMS {
+            return Err(format!("items must list 1 to {MAX_ITEMS} items"));
         }
         if !(self.currency.len() == 3 && self.currency.chars().all(|c| c.is_ascii_uppercase())) {
             return Err(format!("currency must be an ISO 4217 code such as USD, not {:?}", self.currency));
@@ -114,11 +198,11 @@ impl PlaceOrder {
         let mut total: i64 = 0;
         for (i, item) in self.items.iter().enumerate() {
             text(&format!("items[{i}].sku"), &item.sku, 64)?;
-            if !(1..=10_000).contains(&item.quantity) {
-                return Err(format!("items[{i}].quantity must be from 1 to 10000"));
+            if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+                return Err(format!("items[{i}].quantity must be from 1 to {MAX_QUANTITY}"));
             }
-            if !(0..=100_000_000).contains(&item.unit_price_cents) {
-                return Err(format!("items[{i}].unit_price_cents must be from 0 to 100000000"));
+            if !(0..=MAX_UNIT_PRICE_CENTS).contains(&item.unit_price_cents) {
+                return Err(format!("items[{i}].unit_price_cents must be from 0 to {MAX_UNIT_PRICE_CENTS}"));
             }
             total += item.quantity * item.unit_price_cents;
         }

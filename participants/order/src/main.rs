@@ -15,5 +15,5 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: "0.0.0.0:9101",
         database_url: "postgres://postgres@127.0.0.1:5432/saga_order",
     });
-    runtime::run(|_| participant::Orders, config, sqlx::migrate!("../../migrations/order"), http::router).await
+    runtime::run(|_| participant::Orders, config, sqlx::migrate!("../../migrations/order"), http::api).await
 }

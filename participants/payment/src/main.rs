@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         |pool| participant::Payments { gateway: pool },
         config,
         sqlx::migrate!("../../migrations/payment"),
-        |_| axum::Router::new(),
+        |_| runtime::Api::none(),
     )
     .await
 }

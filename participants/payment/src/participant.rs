@@ -33,6 +33,12 @@ impl Participant for Payments {
                     Ok(charge) => charge,
                     Err(refusal) => return Ok(refusal),
                 };
+                if charge.total_cents < 0 {
+                    return Ok(Outcome::Refused(StepError::business(
+                        codes::INVALID_COMMAND,
+                        format!("total_cents must be 0 or more, not {}", charge.total_cents),
+                    )));
+                }
                 match gateway::authorize(&self.gateway, saga_id, &charge.payment_token).await? {
                     Answer::Declined => {
                         return Ok(Outcome::Refused(StepError::business(

@@ -7,14 +7,19 @@
 //! time, and the one that still fails `max_failures` times is dead-lettered (see
 //! [`crate::dead_letter`]) so the consumer can move on. While the database does not answer,
 //! nothing is counted and nothing is dead-lettered: the batch waits for it.
+//!
+//! A panic while handling a batch is caught (the batch's transaction rolls back): the batch is
+//! applied one message at a time, and the message that panics on its own is dead-lettered at
+//! once with reason `panic`. The consumer goes on with the next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use metrics::{counter, describe_counter, describe_histogram, histogram};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -70,7 +75,18 @@ pub trait BatchHandler: Send + Sync {
 
     /// The service's name, recorded on its dead letters.
     fn service(&self) -> &str;
+
+    /// Topics whose intake must wait now (backpressure): the consumer pauses their assigned
+    /// partitions, so that their messages wait in Kafka, and resumes them once this no longer
+    /// names them. Asked before every batch and at least every [`PAUSE_RECHECK`].
+    fn paused_topics(&self) -> impl Future<Output = Vec<String>> + Send {
+        async { Vec::new() }
+    }
 }
+
+/// How often a consumer with paused partitions asks again whether they may resume, when no
+/// message of its other partitions comes to wake it.
+pub const PAUSE_RECHECK: Duration = Duration::from_millis(200);
 
 /// How the consumer batches and when it gives up on a message.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +99,7 @@ pub struct Settings {
 pub(crate) const CONSUMED: &str = "saga_consumer_messages_total";
 pub(crate) const BATCH_SECONDS: &str = "saga_consumer_batch_duration_seconds";
 pub(crate) const BATCH_FAILURES: &str = "saga_consumer_batch_failures_total";
+pub(crate) const PANICS: &str = "saga_consumer_panics_total";
 
 pub(crate) fn describe_metrics() {
     describe_counter!(CONSUMED, "Messages consumed and applied, by topic");
@@ -90,6 +107,11 @@ pub(crate) fn describe_metrics() {
     describe_counter!(BATCH_FAILURES, "Batches whose transaction failed and was retried");
     // At zero from the start, so that `rate()` and alerts see the first failure.
     metrics::counter!(BATCH_FAILURES).increment(0);
+    describe_counter!(
+        PANICS,
+        "Batches whose handling panicked (the message that panics alone is dead-lettered, reason panic)"
+    );
+    metrics::counter!(PANICS).increment(0);
     crate::dead_letter::describe_metrics();
     metrics::describe_gauge!(
         crate::kafka::CONSUMER_LAG,
@@ -105,9 +127,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut stream = consumer.stream().ready_chunks(settings.batch_size.max(1));
+    let mut pauses = Pauses::default();
     loop {
+        pauses.apply(consumer, handler.paused_topics().await);
         let chunk = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(PAUSE_RECHECK), if pauses.any() => continue,
             chunk = stream.next() => match chunk {
                 Some(chunk) => chunk,
                 None => break,
@@ -140,6 +165,62 @@ pub async fn run(
     }
 }
 
+/// The partitions this consumer paused, and the assignment they were paused under.
+#[derive(Default)]
+struct Pauses {
+    paused: BTreeSet<(String, i32)>,
+    assignment: Vec<(String, i32)>,
+}
+
+impl Pauses {
+    fn any(&self) -> bool {
+        !self.paused.is_empty()
+    }
+
+    /// Pauses the assigned partitions of `topics` and resumes the others it paused. After a
+    /// rebalance every partition of a paused topic is paused again, new or not.
+    fn apply(&mut self, consumer: &crate::kafka::GroupConsumer, topics: Vec<String>) {
+        if topics.is_empty() && self.paused.is_empty() {
+            return;
+        }
+        let assignment: Vec<(String, i32)> = match consumer.assignment() {
+            Ok(list) => list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the consumer's assignment");
+                return;
+            }
+        };
+        let rebalanced = assignment != self.assignment;
+        let wanted: BTreeSet<(String, i32)> =
+            assignment.iter().filter(|(topic, _)| topics.contains(topic)).cloned().collect();
+        let to_pause: Vec<&(String, i32)> =
+            wanted.iter().filter(|tp| rebalanced || !self.paused.contains(*tp)).collect();
+        let to_resume: Vec<&(String, i32)> =
+            self.paused.iter().filter(|tp| !wanted.contains(*tp) && assignment.contains(tp)).collect();
+        let list = |partitions: &[&(String, i32)]| {
+            let mut list = TopicPartitionList::new();
+            for (topic, partition) in partitions {
+                list.add_partition(topic, *partition);
+            }
+            list
+        };
+        if !to_pause.is_empty() {
+            match consumer.pause(&list(&to_pause)) {
+                Ok(()) => tracing::info!(partitions = to_pause.len(), ?topics, "intake paused (backpressure)"),
+                Err(error) => tracing::warn!(%error, "cannot pause partitions"),
+            }
+        }
+        if !to_resume.is_empty() {
+            match consumer.resume(&list(&to_resume)) {
+                Ok(()) => tracing::info!(partitions = to_resume.len(), "intake resumed"),
+                Err(error) => tracing::warn!(%error, "cannot resume partitions"),
+            }
+        }
+        self.paused = wanted;
+        self.assignment = assignment;
+    }
+}
+
 /// Applies the batch, or failing that each record on its own, dead-lettering a record that keeps
 /// failing. False if shutdown came first (nothing more is stored then).
 async fn apply_or_dead_letter(
@@ -154,14 +235,25 @@ async fn apply_or_dead_letter(
         Applied::KeepsFailing(_) if records.len() > 1 => {
             tracing::warn!(count = records.len(), "a batch keeps failing; applying its messages one at a time");
         }
-        Applied::KeepsFailing(error) => return dead_letter(&records[0], handler, error, shutdown).await,
+        Applied::KeepsFailing(error) => {
+            return dead_letter(&records[0], handler, "keeps_failing", error, shutdown).await
+        }
+        Applied::Panicked(_) if records.len() > 1 => {
+            tracing::warn!(count = records.len(), "handling a batch panicked; applying its messages one at a time");
+        }
+        Applied::Panicked(message) => return dead_letter(&records[0], handler, "panic", message, shutdown).await,
     }
     for record in records {
         match apply_with_retries(std::slice::from_ref(record), handler, max_failures, shutdown).await {
             Applied::Yes => {}
             Applied::Shutdown => return false,
             Applied::KeepsFailing(error) => {
-                if !dead_letter(record, handler, error, shutdown).await {
+                if !dead_letter(record, handler, "keeps_failing", error, shutdown).await {
+                    return false;
+                }
+            }
+            Applied::Panicked(message) => {
+                if !dead_letter(record, handler, "panic", message, shutdown).await {
                     return false;
                 }
             }
@@ -175,6 +267,8 @@ enum Applied {
     Shutdown,
     /// Failed `max_failures` times while the database answered: the last error.
     KeepsFailing(String),
+    /// The handler panicked: a bug that would panic again on every try, so it is not retried.
+    Panicked(String),
 }
 
 fn backoff() -> ExponentialBackoff {
@@ -204,12 +298,24 @@ async fn apply_with_retries(
     let mut failures = 0;
     loop {
         let started = Instant::now();
-        let error = match handler.handle(records).await {
-            Ok(()) => {
+        // A panic unwinds out of the handler's transaction, which is rolled back when dropped.
+        let error = match AssertUnwindSafe(handler.handle(records)).catch_unwind().await {
+            Ok(Ok(())) => {
                 histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
                 return Applied::Yes;
             }
-            Err(error) => format!("{error:#}"),
+            Ok(Err(error)) => format!("{error:#}"),
+            Err(panic) => {
+                let message = crate::supervisor::panic_message(panic.as_ref());
+                counter!(PANICS).increment(1);
+                tracing::error!(
+                    panic = message,
+                    first = records[0].position(),
+                    count = records.len(),
+                    "handling a batch panicked"
+                );
+                return Applied::Panicked(format!("handling the message panicked: {message}"));
+            }
         };
         counter!(BATCH_FAILURES).increment(1);
         let counts = database_answers(handler.pool()).await;
@@ -240,10 +346,11 @@ async fn apply_with_retries(
 async fn dead_letter(
     record: &Record,
     handler: &impl BatchHandler,
+    label: &'static str,
     error: String,
     shutdown: &CancellationToken,
 ) -> bool {
-    let reason = crate::dead_letter::Reason::new("keeps_failing", error);
+    let reason = crate::dead_letter::Reason::new(label, error);
     let message = crate::dead_letter::message(handler.service(), record, &reason);
     let mut backoff = backoff();
     loop {

@@ -10,8 +10,19 @@
 pub use fail;
 
 /// Every crash point, for documentation and for checking `FAILPOINTS`.
-pub const CRASH_POINTS: &[&str] =
-    &["outbox.before_publish", "outbox.after_publish", "consumer.after_commit", "participant.after_handle"];
+pub const CRASH_POINTS: &[&str] = &[
+    "outbox.before_publish",
+    "outbox.after_publish",
+    "consumer.after_commit",
+    "participant.after_handle",
+    // Not crashes: `task.panic=return(NAME)` panics the background task NAME (see
+    // `supervisor`), `participant.panic_on_input=return(MARKER)` panics while handling a
+    // command whose input contains MARKER, and `participant.fail_on_input=return(MARKER)` fails
+    // its transaction every time (see `participant`).
+    "task.panic",
+    "participant.panic_on_input",
+    "participant.fail_on_input",
+];
 
 /// Applies `FAILPOINTS` when it is set. A name that is not a crash point is an error, so a typo
 /// cannot silently turn a fault test into a plain run.

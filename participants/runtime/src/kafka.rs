@@ -326,6 +326,39 @@ pub async fn broker_reachable(producer: &FutureProducer, timeout: Duration) -> b
     tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
 }
 
+/// How many messages of `topic` the consumer group `group` has not consumed yet, over all
+/// partitions: each partition's end less the group's committed offset (its start, when the group
+/// committed nothing). Asks the brokers; for stats endpoints and gauges, not hot paths.
+pub async fn group_backlog(config: &KafkaConfig, group: &str, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
+    let mut client = base(config);
+    set_all(&mut client, &config.kafka_consumer_properties);
+    client.set("group.id", group).set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = client.create()?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut list = TopicPartitionList::new();
+        for partition in &partitions {
+            list.add_partition(&topic, *partition);
+        }
+        let committed = consumer.committed_offsets(list, timeout)?;
+        let mut backlog = 0;
+        for partition in partitions {
+            let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
+            let position = committed
+                .find_partition(&topic, partition)
+                .and_then(|e| e.offset().to_raw())
+                .filter(|o| *o >= 0)
+                .unwrap_or(low);
+            backlog += (high - position.max(low)).max(0);
+        }
+        Ok(backlog)
+    })
+    .await?
+}
+
 /// A plain consumer outside any group, for reading topics by offset (dead letters): it never
 /// joins a group or commits, and reports the end of each partition.
 pub fn reader(config: &KafkaConfig, client_id: &str) -> Result<rdkafka::consumer::BaseConsumer, KafkaError> {

@@ -12,9 +12,11 @@ pub mod dead_letter;
 pub mod faults;
 pub mod health;
 pub mod kafka;
+pub mod openapi;
 pub mod outbox;
 pub mod participant;
 pub mod shutdown;
+pub mod supervisor;
 pub mod telemetry;
 
 pub use tokio_util::sync::CancellationToken;

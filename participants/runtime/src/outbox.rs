@@ -191,7 +191,13 @@ pub async fn run_relay(pool: PgPool, producer: FutureProducer, config: OutboxCon
         ..ExponentialBackoff::default()
     };
     while !shutdown.is_cancelled() {
-        match publish_batch(&pool, &producer, config.outbox_batch_size).await {
+        // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
+        // its transaction back, and its rows are published after the restart.
+        let published = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            published = publish_batch(&pool, &producer, config.outbox_batch_size) => published,
+        };
+        match published {
             Ok(n) => {
                 backoff.reset();
                 if n as i64 >= config.outbox_batch_size {

@@ -84,6 +84,8 @@ pub enum BadCommand {
     Empty,
     #[error("not a valid command: {0}")]
     Invalid(#[from] serde_json::Error),
+    #[error("the command holds a value that cannot be stored: {0}")]
+    Unstorable(saga_defs::storable::Unstorable),
 }
 
 impl BadCommand {
@@ -93,6 +95,7 @@ impl BadCommand {
             BadCommand::WrongSchema(_) => "schema_version",
             BadCommand::Empty => "empty",
             BadCommand::Invalid(_) => "invalid_json",
+            BadCommand::Unstorable(_) => "unstorable",
         }
     }
 }
@@ -110,7 +113,9 @@ pub fn parse_command(record: &Record) -> Result<CommandEnvelope, BadCommand> {
         }
     }
     let payload = record.payload.as_deref().ok_or(BadCommand::Empty)?;
-    let command: CommandEnvelope = serde_json::from_slice(payload)?;
+    let value: serde_json::Value = serde_json::from_slice(payload)?;
+    saga_defs::storable::check(&value).map_err(BadCommand::Unstorable)?;
+    let command: CommandEnvelope = serde_json::from_value(value)?;
     if command.schema_version != SCHEMA_VERSION {
         return Err(BadCommand::WrongSchema(command.schema_version.to_string()));
     }
@@ -174,6 +179,7 @@ impl<P: Participant> CommandHandler<P> {
         }
 
         let mut savepoint = conn.begin().await?;
+        inject_faults(command)?;
         let outcome = self.participant.handle(&mut savepoint, command).await?;
         let (reply_outcome, keep, result) = match outcome {
             Outcome::Done(output) => (ReplyOutcome::Succeeded { output }, true, "succeeded"),
@@ -219,6 +225,25 @@ impl<P: Participant> CommandHandler<P> {
         }
         Ok(ReplyEnvelope::answering(command, name, reply_outcome))
     }
+}
+
+/// Fault injection for commands whose input contains MARKER, as a bug in business logic would
+/// do: `FAILPOINTS='participant.panic_on_input=return(MARKER)'` panics while handling it, and
+/// `participant.fail_on_input=return(MARKER)` fails its transaction every time.
+fn inject_faults(command: &CommandEnvelope) -> sqlx::Result<()> {
+    let marked = |point: &str| {
+        crate::faults::fail::eval(point, |arg| arg).flatten().is_some_and(|m| command.input.to_string().contains(&m))
+    };
+    if marked("participant.panic_on_input") {
+        panic!("fault injection: the input of saga {} is marked to panic", command.saga_id);
+    }
+    if marked("participant.fail_on_input") {
+        return Err(sqlx::Error::Protocol(format!(
+            "fault injection: the input of saga {} is marked to fail",
+            command.saga_id
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the saga input a participant needs; a command without it is refused as invalid.
@@ -290,13 +315,29 @@ pub struct ApiContext {
     pub kafka: KafkaConfig,
 }
 
+/// A participant's own HTTP routes and the paths and schemas that document them (see
+/// [`crate::openapi::document`]).
+pub struct Api {
+    pub router: Router,
+    pub paths: serde_json::Value,
+    pub schemas: serde_json::Value,
+}
+
+impl Api {
+    /// No routes of its own: `/health`, `/ready` and the document only.
+    pub fn none() -> Self {
+        Api { router: Router::new(), paths: serde_json::json!({}), schemas: serde_json::json!({}) }
+    }
+}
+
 /// Runs a participant service until SIGTERM or Ctrl-C: migrations, the command consumer, the
-/// outbox relay, and HTTP (`/health`, `/ready` and the routes `api` builds from the pool).
+/// outbox relay, and HTTP (`/health`, `/ready`, `/api/v1/openapi.json` and the routes `api`
+/// builds from the pool).
 pub async fn run<P: Participant>(
     participant: impl FnOnce(PgPool) -> P,
     config: ServiceConfig,
     migrations: Migrator,
-    api: impl FnOnce(ApiContext) -> Router,
+    api: impl FnOnce(ApiContext) -> Api,
 ) -> anyhow::Result<()> {
     let name = P::NAME;
     crate::telemetry::init_logs(&config.telemetry);
@@ -319,10 +360,13 @@ pub async fn run<P: Participant>(
     let group = config.kafka_group_id.clone().unwrap_or_else(|| format!("{name}-service"));
     let consumer = crate::kafka::consumer(&config.kafka, &group, &[topic])?;
     let shutdown = crate::shutdown::on_signal();
-
-    let relay =
-        tokio::spawn(outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()));
-    let gauges = tokio::spawn(outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+    let mut supervisor = crate::supervisor::Supervisor::new(shutdown.clone());
+    supervisor.spawn(
+        "outbox-relay",
+        outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()),
+    );
+    supervisor
+        .spawn("outbox-gauges", outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
     let handler = CommandHandler {
         pool: pool.clone(),
         participant: participant(pool.clone()),
@@ -330,21 +374,19 @@ pub async fn run<P: Participant>(
     };
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
-    let consuming = tokio::spawn(async move {
+    supervisor.spawn("consumer", async move {
         crate::consumer::run(&consumer, settings, &handler, consumer_shutdown).await;
     });
 
-    let readiness = crate::health::Readiness { service: name, pool: pool.clone(), producer };
+    let readiness =
+        crate::health::Readiness { service: name, pool: pool.clone(), producer, tasks: supervisor.health() };
+    let api = api(ApiContext { pool: pool.clone(), kafka: config.kafka.clone() });
+    let service = format!("{name}-service");
+    let description =
+        format!("The {name} participant of the order saga. Errors are application/problem+json (RFC 9457).");
+    let document = std::sync::Arc::new(crate::openapi::document(&service, &description, api.paths, api.schemas));
+    let served = axum::routing::get(move || async move { axum::Json(document.as_ref().clone()) });
     let router =
-        api(ApiContext { pool: pool.clone(), kafka: config.kafka.clone() }).merge(crate::health::router(readiness));
-    let served = crate::health::serve(config.http_addr, router, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = consuming.await;
-        let _ = relay.await;
-        let _ = gauges.await;
-    })
-    .await;
-    pool.close().await;
-    served
+        crate::health::finish(api.router.route("/api/v1/openapi.json", served).merge(crate::health::router(readiness)));
+    crate::supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await
 }

@@ -24,3 +24,14 @@ pub fn on_signal() -> CancellationToken {
     });
     token
 }
+
+/// Ends the process with `code` after `deadline`, on a thread of its own, so that a shutdown
+/// that hangs (a blocking client call to a broker that is gone, a pool waiting for a database
+/// that does not answer) still ends in time. Called when a shutdown starts.
+pub fn exit_by(deadline: std::time::Duration, code: i32) {
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline);
+        eprintln!("shutdown took longer than {deadline:?}; exiting now");
+        std::process::exit(code);
+    });
+}

@@ -30,5 +30,6 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     crate::outbox::describe_metrics();
     crate::consumer::describe_metrics();
+    crate::supervisor::describe_metrics();
     Ok(())
 }

@@ -71,12 +71,15 @@ pub(crate) struct Admission {
     limits: Limits,
     /// In flight per type: the last count read, plus the sagas started since.
     in_flight: Mutex<BTreeMap<String, i64>>,
+    /// Sagas started since the running count began: a count whose query began before a start
+    /// committed does not see it, so it is added on top (counted twice at worst, never missed).
+    started_since: Mutex<BTreeMap<String, i64>>,
 }
 
 impl Admission {
     pub(crate) fn new(limits: Limits, saga_types: impl IntoIterator<Item = String>) -> Self {
         let in_flight = saga_types.into_iter().map(|t| (t, 0)).collect();
-        Self { limits, in_flight: Mutex::new(in_flight) }
+        Self { limits, in_flight: Mutex::new(in_flight), started_since: Mutex::new(BTreeMap::new()) }
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, i64>> {
@@ -96,6 +99,7 @@ impl Admission {
     /// Counts a saga started since the last read.
     pub(crate) fn started(&self, saga_type: &str) {
         *self.counts().entry(saga_type.to_owned()).or_default() += 1;
+        *self.started_since.lock().unwrap_or_else(|e| e.into_inner()).entry(saga_type.to_owned()).or_default() += 1;
     }
 
     /// Every type's admission, for the stats endpoint.
@@ -111,6 +115,8 @@ impl Admission {
 
     /// Reads the counts again.
     async fn refresh(&self, pool: &PgPool) -> sqlx::Result<()> {
+        // Starts counted before this point committed before the query below: it sees them.
+        self.started_since.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT saga_type, count(*) FROM saga_instances WHERE status IN ('RUNNING', 'COMPENSATING') GROUP BY saga_type",
         )
@@ -122,6 +128,9 @@ impl Admission {
         }
         for (saga_type, n) in rows {
             counts.insert(saga_type, n);
+        }
+        for (saga_type, n) in self.started_since.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            *counts.entry(saga_type.clone()).or_default() += n;
         }
         for (saga_type, n) in counts.iter() {
             let limit = self.limits.of(saga_type);

@@ -145,8 +145,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let dead_letter_topics = all_topics.into_iter().filter(|t| t.ends_with(".dlq")).collect();
     let dead_letters = dead_letters::DeadLetters::new(config.kafka.clone(), dead_letter_topics, producer.clone());
     let start_queue = Arc::new(http::StartQueue {
-        kafka: config.kafka.clone(),
-        group: config.kafka_group_id.clone(),
+        reader: Arc::new(kafka::backlog_reader(&config.kafka, &config.kafka_group_id)?),
         topic: start_topic,
     });
     supervisor.spawn(

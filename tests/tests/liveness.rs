@@ -332,8 +332,16 @@ async fn at_the_bound_start_requests_wait_in_kafka_and_run_as_sagas_finish() -> 
     for i in 0..3 {
         sagas.push(system.start_saga("ops-slow", &charge_input("SKU-B", 1, "tok_visa"), &format!("b-{i}")).await?);
     }
-    // The admission counts are read every 200 ms; then the API refuses a fourth, politely.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Once admission counts the three, the API refuses a fourth, politely.
+    let started = std::time::Instant::now();
+    loop {
+        let (_, stats) = system.api_get("/api/v1/sagas/stats?window=1h").await?;
+        if stats["admission"]["ops-slow"]["saturated"] == true {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < SETTLE, "ops-slow never reached its bound: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let body = json!({"saga_type": "ops-slow", "input": charge_input("SKU-B", 1, "tok_visa")});
     let response = system
         .http

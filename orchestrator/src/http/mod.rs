@@ -45,8 +45,8 @@ pub(crate) struct AppState {
 
 /// Where start requests wait while admission holds them back.
 pub(crate) struct StartQueue {
-    pub(crate) kafka: saga_runtime::config::KafkaConfig,
-    pub(crate) group: String,
+    /// Reads the orchestrator group's committed offsets; made once, kept for every look.
+    pub(crate) reader: Arc<rdkafka::consumer::BaseConsumer>,
     pub(crate) topic: String,
 }
 
@@ -54,7 +54,7 @@ impl StartQueue {
     /// Start requests not yet taken by the orchestrator; `None` if the brokers did not say.
     pub(crate) async fn depth(&self) -> Option<i64> {
         let timeout = std::time::Duration::from_secs(2);
-        match saga_runtime::kafka::group_backlog(&self.kafka, &self.group, &self.topic, timeout).await {
+        match saga_runtime::kafka::group_backlog(self.reader.clone(), &self.topic, timeout).await {
             Ok(depth) => Some(depth),
             Err(error) => {
                 tracing::debug!(error = format!("{error:#}"), "reading the start-requests backlog");

@@ -84,9 +84,9 @@ pub trait BatchHandler: Send + Sync {
     }
 }
 
-/// How often a consumer with paused partitions asks again whether they may resume, when no
-/// message of its other partitions comes to wake it.
-pub const PAUSE_RECHECK: Duration = Duration::from_millis(200);
+/// How often a consumer asks again which topics must wait, when no message comes to wake it: an
+/// idle consumer must pause before the next message arrives, not after taking it.
+pub const PAUSE_RECHECK: Duration = Duration::from_millis(50);
 
 /// How the consumer batches and when it gives up on a message.
 #[derive(Debug, Clone, Copy)]
@@ -132,7 +132,7 @@ pub async fn run(
         pauses.apply(consumer, handler.paused_topics().await);
         let chunk = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(PAUSE_RECHECK), if pauses.any() => continue,
+            _ = tokio::time::sleep(PAUSE_RECHECK) => continue,
             chunk = stream.next() => match chunk {
                 Some(chunk) => chunk,
                 None => break,
@@ -173,10 +173,6 @@ struct Pauses {
 }
 
 impl Pauses {
-    fn any(&self) -> bool {
-        !self.paused.is_empty()
-    }
-
     /// Pauses the assigned partitions of `topics` and resumes the others it paused. After a
     /// rebalance every partition of a paused topic is paused again, new or not.
     fn apply(&mut self, consumer: &crate::kafka::GroupConsumer, topics: Vec<String>) {

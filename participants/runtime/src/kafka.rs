@@ -326,27 +326,36 @@ pub async fn broker_reachable(producer: &FutureProducer, timeout: Duration) -> b
     tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok()).await.unwrap_or(false)
 }
 
-/// How many messages of `topic` the consumer group `group` has not consumed yet, over all
-/// partitions: each partition's end less the group's committed offset (its start, when the group
-/// committed nothing). Asks the brokers; for stats endpoints and gauges, not hot paths.
-pub async fn group_backlog(config: &KafkaConfig, group: &str, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
+/// A consumer of the group `group` that never joins it: it only reads the group's committed
+/// offsets and the partitions' ends, for [`group_backlog`]. Create it once and keep it.
+pub fn backlog_reader(config: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaError> {
     let mut client = base(config);
     set_all(&mut client, &config.kafka_consumer_properties);
     client.set("group.id", group).set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = client.create()?;
+    client.create()
+}
+
+/// How many messages of `topic` the reader's consumer group has not consumed yet, over all
+/// partitions: each partition's end less the group's committed offset (its start, when the group
+/// committed nothing). Asks the brokers; for stats endpoints and gauges, not hot paths.
+pub async fn group_backlog(
+    reader: std::sync::Arc<BaseConsumer>,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let metadata = reader.fetch_metadata(Some(&topic), timeout)?;
         let partitions: Vec<i32> =
             metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
         let mut list = TopicPartitionList::new();
         for partition in &partitions {
             list.add_partition(&topic, *partition);
         }
-        let committed = consumer.committed_offsets(list, timeout)?;
+        let committed = reader.committed_offsets(list, timeout)?;
         let mut backlog = 0;
         for partition in partitions {
-            let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
+            let (low, high) = reader.fetch_watermarks(&topic, partition, timeout)?;
             let position = committed
                 .find_partition(&topic, partition)
                 .and_then(|e| e.offset().to_raw())

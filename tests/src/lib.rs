@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+pub mod bench;
 pub mod faults;
 
 pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
@@ -115,6 +116,11 @@ fn run_broker_script() -> PathBuf {
 }
 
 /// Where cargo put the binaries: next to this test executable's `deps/` folder.
+/// The workspace's root directory (this crate's parent).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate is in the workspace").to_path_buf()
+}
+
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("SAGA_BIN_DIR") {
         return PathBuf::from(dir);
@@ -356,7 +362,7 @@ impl System {
     }
 
     /// The pid of a service's process (or of the private broker, as `broker`).
-    fn pid(&self, service: &str) -> anyhow::Result<u32> {
+    pub fn pid(&self, service: &str) -> anyhow::Result<u32> {
         let pid = if service == "broker" {
             self.broker.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|b| b.child.as_ref()?.id())
         } else {

@@ -97,6 +97,10 @@ pub(crate) const PUBLISH_ERRORS: &str = "saga_outbox_publish_errors_total";
 pub(crate) const BATCH_SECONDS: &str = "saga_outbox_batch_duration_seconds";
 pub(crate) const PENDING: &str = "saga_outbox_pending";
 pub(crate) const OLDEST_AGE: &str = "saga_outbox_oldest_age_seconds";
+pub(crate) const DWELL_SECONDS: &str = "saga_outbox_dwell_seconds";
+/// Finer than the default buckets: the dwell of a healthy outbox is a few milliseconds.
+pub(crate) const DWELL_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 pub(crate) fn describe_metrics() {
     describe_counter!(PUBLISHED, "Outbox messages published to Kafka");
@@ -104,6 +108,12 @@ pub(crate) fn describe_metrics() {
     describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to publish one outbox batch");
     describe_gauge!(PENDING, "Messages waiting in the outbox");
     describe_gauge!(OLDEST_AGE, metrics::Unit::Seconds, "Age of the oldest message waiting in the outbox");
+    describe_histogram!(
+        DWELL_SECONDS,
+        metrics::Unit::Seconds,
+        "From the start of the transaction that wrote a message to the outbox to its hand-off to the Kafka producer \
+         (for the orchestrator: reply consumed to next command produced), on the database's clock"
+    );
     // At zero from the start, so that `rate()` and alerts see the first error.
     metrics::counter!(PUBLISHED).increment(0);
     metrics::counter!(PUBLISH_ERRORS).increment(0);
@@ -118,13 +128,16 @@ struct Row {
     payload: Option<String>,
     raw_payload: Option<Vec<u8>>,
     headers: sqlx::types::Json<Vec<(String, String)>>,
+    /// Seconds since the transaction that wrote it began, on the database's clock.
+    dwell: f64,
 }
 
 /// Publishes one batch. Returns how many messages were published.
 pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, topic, message_key, message_type, payload::text AS payload, raw_payload, headers
+        "SELECT id, topic, message_key, message_type, payload::text AS payload, raw_payload, headers,
+                EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS dwell
          FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(batch_size)
@@ -136,6 +149,10 @@ pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size:
     let started = Instant::now();
     let schema_version = SCHEMA_VERSION.to_string();
     crate::faults::crash_point!("outbox.before_publish");
+    let dwell = histogram!(DWELL_SECONDS);
+    for row in &rows {
+        dwell.record(row.dwell);
+    }
     let sends = rows.iter().map(|row| {
         let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len());
         if let Some(message_type) = &row.message_type {

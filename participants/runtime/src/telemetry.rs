@@ -26,6 +26,10 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(crate::outbox::DWELL_SECONDS.to_owned()),
+            crate::outbox::DWELL_BUCKETS,
+        )?
         .install()
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     crate::outbox::describe_metrics();

@@ -1,0 +1,226 @@
+//! What the benchmark (`scripts/bench`, `src/bin/bench.rs`) measures besides the sagas
+//! themselves: CPU and memory of every process (the services, Kafka, Postgres, the driver) from
+//! `/proc`, Postgres's commits and WAL, the messages through the broker, and quantiles of the
+//! services' Prometheus histograms between two scrapes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use procfs::process::Process;
+use sqlx::PgPool;
+
+/// The processes the benchmark watches, by name.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// Single processes: the services, the broker, the driver itself.
+    pub single: BTreeMap<String, i32>,
+}
+
+/// CPU seconds used so far, and memory now, of one watched name.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    /// Resident memory now; for Postgres the proportional set size of all its processes (shared
+    /// buffers counted once).
+    pub memory_bytes: u64,
+}
+
+fn ticks() -> f64 {
+    procfs::ticks_per_second() as f64
+}
+
+/// CPU seconds (user + system) and resident bytes of one process.
+fn usage_of(pid: i32) -> anyhow::Result<Usage> {
+    let process = Process::new(pid)?;
+    let stat = process.stat()?;
+    let status = process.status()?;
+    Ok(Usage {
+        cpu_seconds: (stat.utime + stat.stime) as f64 / ticks(),
+        memory_bytes: status.vmrss.unwrap_or(0) * 1024,
+    })
+}
+
+/// Postgres as a whole: every `postgres` process (the postmaster, its helpers and the backends);
+/// CPU includes backends that have exited (the postmaster's reaped children), memory is the sum of
+/// proportional set sizes so that shared buffers count once.
+fn postgres_usage() -> anyhow::Result<Usage> {
+    let mut usage = Usage::default();
+    let mut pids = Vec::new();
+    for process in procfs::process::all_processes()?.flatten() {
+        if let Ok(stat) = process.stat() {
+            if stat.comm == "postgres" {
+                pids.push((process.pid, stat.ppid));
+                usage.cpu_seconds += (stat.utime + stat.stime) as f64 / ticks();
+                if let Ok(rollup) = process.smaps_rollup() {
+                    usage.memory_bytes += rollup
+                        .memory_map_rollup
+                        .iter()
+                        .filter_map(|m| m.extension.map.get("Pss").copied())
+                        .sum::<u64>();
+                }
+            }
+        }
+    }
+    // The postmaster: a postgres process whose parent is not one.
+    let postgres: Vec<i32> = pids.iter().map(|(pid, _)| *pid).collect();
+    for (pid, ppid) in &pids {
+        if !postgres.contains(ppid) {
+            let stat = Process::new(*pid)?.stat()?;
+            usage.cpu_seconds += (stat.cutime + stat.cstime) as f64 / ticks();
+        }
+    }
+    Ok(usage)
+}
+
+/// The broker's JVM, if one runs on this machine.
+pub fn kafka_pid() -> Option<i32> {
+    procfs::process::all_processes().ok()?.flatten().find_map(|p| {
+        let cmdline = p.cmdline().ok()?;
+        cmdline.iter().any(|a| a == "kafka.Kafka").then_some(p.pid)
+    })
+}
+
+impl Watched {
+    /// The usage of everything watched, with `postgres` added.
+    pub fn sample(&self) -> BTreeMap<String, Usage> {
+        let mut out: BTreeMap<String, Usage> =
+            self.single.iter().filter_map(|(name, pid)| Some((name.clone(), usage_of(*pid).ok()?))).collect();
+        if let Ok(usage) = postgres_usage() {
+            out.insert("postgres".into(), usage);
+        }
+        out
+    }
+}
+
+/// Postgres's counters: transactions committed (every database) and WAL written, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgCounters {
+    pub commits: i64,
+    pub wal_bytes: i64,
+}
+
+pub async fn pg_counters(pool: &PgPool) -> anyhow::Result<PgCounters> {
+    // Backends report their counters at most once a second; the caller waits before sampling.
+    let commits: i64 = sqlx::query_scalar("SELECT sum(xact_commit)::bigint FROM pg_stat_database")
+        .fetch_one(pool)
+        .await
+        .context("pg_stat_database")?;
+    let wal_bytes: i64 = sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+        .fetch_one(pool)
+        .await
+        .context("pg_current_wal_lsn")?;
+    Ok(PgCounters { commits, wal_bytes })
+}
+
+/// Messages on every topic of `prefix`: the sum of the partitions' high watermarks.
+pub async fn broker_messages(brokers: &str, prefix: &str) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, prefix) = (brokers.to_owned(), prefix.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(None, timeout)?;
+        let mut total = 0;
+        for topic in metadata.topics().iter().filter(|t| t.name().starts_with(&prefix)) {
+            for partition in topic.partitions() {
+                let (low, high) = consumer.fetch_watermarks(topic.name(), partition.id(), timeout)?;
+                total += high - low.min(high);
+            }
+        }
+        Ok(total)
+    })
+    .await?
+}
+
+/// A Prometheus histogram's cumulative buckets, `(le, count)`, summed over its label sets.
+#[derive(Debug, Clone, Default)]
+pub struct Buckets(pub Vec<(f64, f64)>);
+
+impl Buckets {
+    /// Reads `<name>_bucket` samples from an exposition text.
+    pub fn parse(text: &str, name: &str) -> Self {
+        let prefix = format!("{name}_bucket{{");
+        let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+            let Some((labels, value)) = line.rsplit_once(' ') else { continue };
+            let Some(le) = labels.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+            let (Ok(count), false) = (value.parse::<f64>(), le.is_nan()) else { continue };
+            by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
+        }
+        let mut buckets: Vec<(f64, f64)> = by_le.into_values().collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Buckets(buckets)
+    }
+
+    /// The observations between two scrapes.
+    pub fn since(&self, earlier: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|(le, count)| {
+                    let before = earlier.0.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+                    (*le, count - before)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn count(&self) -> f64 {
+        self.0.last().map_or(0.0, |(_, c)| *c)
+    }
+
+    /// The quantile `q`, interpolated within its bucket as PromQL's `histogram_quantile` does;
+    /// `None` without observations.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for (le, count) in &self.0 {
+            if *count >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0);
+                }
+                let within = (rank - lower.1) / (count - lower.1).max(f64::MIN_POSITIVE);
+                return Some(lower.0 + (le - lower.0) * within);
+            }
+            lower = (*le, *count);
+        }
+        Some(lower.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"
+# TYPE saga_outbox_dwell_seconds histogram
+saga_outbox_dwell_seconds_bucket{le="0.001"} 10
+saga_outbox_dwell_seconds_bucket{le="0.002"} 50
+saga_outbox_dwell_seconds_bucket{le="0.005"} 90
+saga_outbox_dwell_seconds_bucket{le="+Inf"} 100
+saga_outbox_dwell_seconds_sum 0.3
+saga_outbox_dwell_seconds_count 100
+"#;
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket() {
+        let buckets = Buckets::parse(TEXT, "saga_outbox_dwell_seconds");
+        assert_eq!(buckets.count(), 100.0);
+        // Rank 50 is the top of the 0.002 bucket; rank 30 halfway through it.
+        assert!((buckets.quantile(0.5).unwrap() - 0.002).abs() < 1e-12);
+        assert!((buckets.quantile(0.3).unwrap() - 0.0015).abs() < 1e-12);
+        // Beyond the last finite bucket: its bound, as histogram_quantile answers.
+        assert_eq!(buckets.quantile(0.99), Some(0.005));
+        let earlier = Buckets(vec![(0.001, 10.0), (0.002, 10.0), (0.005, 10.0), (f64::INFINITY, 10.0)]);
+        let since = buckets.since(&earlier);
+        assert_eq!(since.count(), 90.0);
+        assert!((since.quantile(0.5).unwrap() - 0.002 - 0.003 * (5.0 / 40.0)).abs() < 1e-12);
+        assert_eq!(Buckets::default().quantile(0.5), None);
+    }
+}

@@ -1,0 +1,547 @@
+//! The benchmark: `scripts/bench [options]`. Starts its own system (the orchestrator and the four
+//! participants, release build) on the local Postgres and Apache Kafka, places orders open-loop
+//! at fixed rates (95 % good, 5 % declined cards), steps the rate up until the backlog grows, then
+//! runs at half of the saturation rate. Per rate it prints and writes (JSON) throughput, end-to-end
+//! latency (HDR histogram, from each order's scheduled time, so a slow driver cannot hide queueing),
+//! the orchestrator's step overhead, per-step round trips, commits and WAL bytes per saga, CPU and
+//! memory per process and messages through the broker. Then, in the same run, the Postgres ceiling:
+//! pgbench of the orchestrator's own SQL for a whole saga, and of one step-like transaction.
+//!
+//! A measurement, not a test: run it alone on an otherwise idle machine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use saga_e2e::bench::{self, Buckets, PgCounters, Usage, Watched};
+use saga_e2e::faults::{self, Kind};
+use saga_e2e::{Options, System, SERVICES};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(about = "Open-loop benchmark of the order saga on the real services, Postgres and Kafka")]
+struct Args {
+    /// Rates (orders/s) to step through until one saturates.
+    #[arg(long, value_delimiter = ',', default_value = "100,200,300,400,500,600,800")]
+    rates: Vec<f64>,
+    /// Seconds of arrivals per rate while searching.
+    #[arg(long, default_value_t = 20.0)]
+    step_seconds: f64,
+    /// Seconds of arrivals at half the saturation rate.
+    #[arg(long, default_value_t = 30.0)]
+    half_seconds: f64,
+    /// Instead of the search: one run at this rate (orders/s) for --seconds.
+    #[arg(long)]
+    at: Option<f64>,
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    json: PathBuf,
+    /// Seconds of each pgbench run; 0 skips them.
+    #[arg(long, default_value_t = 15)]
+    pgbench_seconds: u32,
+    /// pgbench's clients.
+    #[arg(long, default_value_t = 4)]
+    pgbench_clients: u32,
+    /// Extra environment for every service, NAME=VALUE (e.g. LOG_LEVEL=warn), to measure a setting.
+    #[arg(long = "env")]
+    env: Vec<String>,
+}
+
+/// Everything counted at one moment.
+struct Snapshot {
+    at: Instant,
+    wall: DateTime<Utc>,
+    usage: BTreeMap<String, Usage>,
+    pg: PgCounters,
+    broker_messages: i64,
+    /// The outbox dwell histogram of each service.
+    dwell: BTreeMap<&'static str, Buckets>,
+    batch: Buckets,
+}
+
+const DWELL: &str = "saga_outbox_dwell_seconds";
+const BATCH: &str = "saga_consumer_batch_duration_seconds";
+
+struct Bench {
+    system: System,
+    pool: PgPool,
+    watched: Watched,
+    skus: Vec<String>,
+    sequence: std::sync::atomic::AtomicUsize,
+}
+
+impl Bench {
+    async fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut dwell = BTreeMap::new();
+        let mut batch = Buckets::default();
+        for service in SERVICES {
+            let text = self.system.http.get(self.system.metrics_url(service)).send().await?.text().await?;
+            dwell.insert(service, Buckets::parse(&text, DWELL));
+            if service == "orchestrator" {
+                batch = Buckets::parse(&text, BATCH);
+            }
+        }
+        Ok(Snapshot {
+            at: Instant::now(),
+            wall: Utc::now(),
+            usage: self.watched.sample(),
+            pg: bench::pg_counters(&self.pool).await?,
+            broker_messages: bench::broker_messages(&self.system.brokers, &self.system.topic_prefix()).await?,
+            dwell,
+            batch,
+        })
+    }
+
+    /// Places `rate` orders a second for `seconds`, each at its scheduled moment whatever the
+    /// others do, waits until every saga ended, and measures.
+    async fn run(&self, label: &str, rate: f64, seconds: f64) -> anyhow::Result<Value> {
+        let count = (rate * seconds).round() as usize;
+        let before = self.snapshot().await?;
+        // Each order's scheduled moment, on the wall clock the database's timestamps use.
+        let (started, started_wall) = (Instant::now(), Utc::now());
+        let first = self.sequence.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        let mut tasks = Vec::with_capacity(count);
+        for n in 0..count {
+            let offset = Duration::from_secs_f64(n as f64 / rate);
+            let scheduled = started_wall + chrono::Duration::from_std(offset)?;
+            let (i, system) = (first + n, &self.system);
+            let sku = self.skus[i % self.skus.len()].clone();
+            let kind = if i % 20 == 3 { Kind::Declined } else { Kind::Good };
+            tasks.push(async move {
+                tokio::time::sleep_until((started + offset).into()).await;
+                let placed = faults::place(system, &format!("bench-{i}"), kind, &sku, 1 + (i % 3) as i64).await;
+                let answered = Utc::now();
+                placed.map(|p| (p.saga_id, scheduled, answered))
+            });
+        }
+        // Memory is sampled every second while the run lasts; its peak is reported.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let sampler = async {
+            let mut peak: BTreeMap<String, u64> = BTreeMap::new();
+            let mut stop = stop_rx.clone();
+            loop {
+                for (name, usage) in self.watched.sample() {
+                    let entry = peak.entry(name).or_default();
+                    *entry = (*entry).max(usage.memory_bytes);
+                }
+                tokio::select! {
+                    _ = stop.changed() => return peak,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        };
+        let placing = async {
+            let placed: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> =
+                futures::future::join_all(tasks).await.into_iter().collect::<anyhow::Result<_>>()?;
+            let placed_in = started.elapsed();
+            let arrivals_end = started_wall + chrono::Duration::from_std(Duration::from_secs_f64(seconds))?;
+            let ids: Vec<Uuid> = placed.iter().map(|(id, _, _)| *id).collect();
+            // The backlog when arrivals stop: sagas of this run not yet ended.
+            let ended: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE id = ANY($1) AND ended_at IS NOT NULL")
+                    .bind(&ids)
+                    .fetch_one(&self.pool)
+                    .await?;
+            let backlog = count as i64 - ended;
+            // Throughput while arrivals lasted, after a two-second warm-up.
+            let window_start = started_wall + chrono::Duration::seconds(2);
+            let (completed, failed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FILTER (WHERE status = 'FAILED')
+                 FROM saga_instances WHERE ended_at >= $1 AND ended_at < $2",
+            )
+            .bind(window_start)
+            .bind(arrivals_end)
+            .fetch_one(&self.pool)
+            .await?;
+            let window = (seconds - 2.0).max(1.0);
+            let drained = self.drain(&ids).await?;
+            stop_tx.send_replace(true);
+            anyhow::Ok((placed, placed_in, backlog, completed as f64 / window, failed as f64 / window, drained))
+        };
+        let (result, peak) = tokio::join!(placing, sampler);
+        let (placed, placed_in, backlog, completed_per_s, failed_per_s, drained) = result?;
+        // Backends report their counters at most once a second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = self.snapshot().await?;
+        let ids: Vec<Uuid> = placed.iter().map(|(id, _, _)| *id).collect();
+        let sagas = placed.len() as f64;
+        let mut answer = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+        for (_, scheduled, answered) in &placed {
+            answer.saturating_record((*answered - *scheduled).num_microseconds().unwrap_or(i64::MAX).max(1) as u64);
+        }
+
+        let ends: Vec<(Uuid, String, DateTime<Utc>, DateTime<Utc>)> =
+            sqlx::query_as("SELECT id, status, created_at, ended_at FROM saga_instances WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        let scheduled: BTreeMap<Uuid, DateTime<Utc>> = placed.iter().map(|(id, at, _)| (*id, *at)).collect();
+        let mut e2e = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+        // From the order's scheduled time to its saga's row: the order API, its outbox, the
+        // start-requests topic and the orchestrator's intake.
+        let mut start = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+        let mut statuses: BTreeMap<String, i64> = BTreeMap::new();
+        for (id, status, created_at, ended_at) in &ends {
+            *statuses.entry(status.clone()).or_default() += 1;
+            let micros = |at: DateTime<Utc>| (at - scheduled[id]).num_microseconds().unwrap_or(i64::MAX).max(1) as u64;
+            e2e.saturating_record(micros(*ended_at));
+            start.saturating_record(micros(*created_at));
+        }
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let hops: Vec<(String, String, f64, f64)> = sqlx::query_as(
+            "SELECT step_name, kind,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) * 1000,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) * 1000
+             FROM saga_step_attempts WHERE saga_id = ANY($1) AND finished_at IS NOT NULL
+             GROUP BY step_name, kind, step_index ORDER BY kind, step_index",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let wall = (after.at - before.at).as_secs_f64();
+        let overhead = after.dwell["orchestrator"].since(&before.dwell["orchestrator"]);
+        let batch = after.batch.since(&before.batch);
+        let q_ms = |b: &Buckets, q: f64| b.quantile(q).map(|s| s * 1000.0);
+        let processes: BTreeMap<String, Value> = after
+            .usage
+            .iter()
+            .map(|(name, usage)| {
+                let cpu = usage.cpu_seconds - before.usage.get(name).map_or(0.0, |u| u.cpu_seconds);
+                let process = json!({
+                    "cpu_seconds": cpu,
+                    "cores": cpu / wall,
+                    "cpu_ms_per_saga": cpu * 1000.0 / sagas,
+                    "peak_memory_mb": peak.get(name).copied().unwrap_or(usage.memory_bytes) as f64 / 1e6,
+                });
+                (name.clone(), process)
+            })
+            .collect();
+        let outbox_dwell: BTreeMap<&str, Value> = after
+            .dwell
+            .iter()
+            .map(|(service, buckets)| {
+                let since = buckets.since(&before.dwell[service]);
+                (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
+            })
+            .collect();
+        let saturated = completed_per_s + failed_per_s < 0.95 * rate || backlog as f64 > (rate * 1.0).max(50.0);
+        Ok(json!({
+            "label": label,
+            "offered_per_s": rate,
+            "seconds": seconds,
+            "orders": placed.len(),
+            "placed_in_s": placed_in.as_secs_f64(),
+            "completed_per_s": completed_per_s,
+            "failed_per_s": failed_per_s,
+            "backlog_at_end": backlog,
+            "saturated": saturated,
+            "drained_in_s": drained.as_secs_f64(),
+            "statuses": statuses,
+            "e2e_ms": {"p50": ms(&e2e, 0.5), "p90": ms(&e2e, 0.9), "p99": ms(&e2e, 0.99), "p99_9": ms(&e2e, 0.999), "max": e2e.max() as f64 / 1000.0},
+            "order_api_ms": {"p50": ms(&answer, 0.5), "p99": ms(&answer, 0.99)},
+            "start_ms": {"p50": ms(&start, 0.5), "p99": ms(&start, 0.99)},
+            "step_overhead_ms": {"p50": q_ms(&overhead, 0.5), "p99": q_ms(&overhead, 0.99), "observations": overhead.count()},
+            "orchestrator_batch_ms": {"p50": q_ms(&batch, 0.5), "p99": q_ms(&batch, 0.99), "batches": batch.count()},
+            "outbox_dwell_ms": outbox_dwell,
+            "round_trip_ms": hops.iter().map(|(step, kind, p50, p99)| json!({"step": step, "kind": kind, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
+            "commits_per_saga": (after.pg.commits - before.pg.commits) as f64 / sagas,
+            "wal_bytes_per_saga": (after.pg.wal_bytes - before.pg.wal_bytes) as f64 / sagas,
+            "broker_messages_per_s": (after.broker_messages - before.broker_messages) as f64 / wall,
+            "broker_messages_per_saga": (after.broker_messages - before.broker_messages) as f64 / sagas,
+            "wall_seconds": wall,
+            "processes": processes,
+            "from": before.wall,
+        }))
+    }
+
+    /// Waits until every saga of `ids` has ended; how long after the call.
+    async fn drain(&self, ids: &[Uuid]) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let open: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE id = ANY($1) AND ended_at IS NULL")
+                    .bind(ids)
+                    .fetch_one(&self.pool)
+                    .await?;
+            let missing: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM unnest($1::uuid[]) AS w(id) WHERE NOT EXISTS (SELECT 1 FROM saga_instances s WHERE s.id = w.id)",
+            )
+            .bind(ids)
+            .fetch_one(&self.pool)
+            .await?;
+            if open + missing == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                bail!("{} sagas not ended 30 minutes after the last arrival", open + missing);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn line(run: &Value) -> String {
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.0}"));
+    let f1 = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+    let p = &run["processes"];
+    format!(
+        "{:>7} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>6} {:>6} {:>8} {:>7} {:>5} {:>5} {:>5} {:>5} {}",
+        f(&run["offered_per_s"]),
+        f1(&(run["completed_per_s"].as_f64().unwrap_or(0.0) + run["failed_per_s"].as_f64().unwrap_or(0.0)).into()),
+        f(&run["e2e_ms"]["p50"]),
+        f(&run["e2e_ms"]["p99"]),
+        f(&run["e2e_ms"]["p99_9"]),
+        f1(&run["step_overhead_ms"]["p50"]),
+        f1(&run["step_overhead_ms"]["p99"]),
+        f1(&run["commits_per_saga"]),
+        f(&(run["wal_bytes_per_saga"].as_f64().unwrap_or(0.0) / 1024.0).into()),
+        f(&run["backlog_at_end"]),
+        f(&run["broker_messages_per_s"]),
+        f1(&p["orchestrator"]["cores"]),
+        f1(&p["postgres"]["cores"]),
+        f1(&p["kafka"]["cores"]),
+        f1(&(["order", "inventory", "payment", "fulfilment"]
+            .iter()
+            .map(|s| p[*s]["cores"].as_f64().unwrap_or(0.0))
+            .sum::<f64>())
+        .into()),
+        if run["saturated"].as_bool() == Some(true) { "saturated" } else { "" },
+    )
+}
+
+const HEADER: &str = "   rate  ended/s  e2e50  e2e99 e2e99.9  ovh50ms  ovh99ms  com/s  WALk  backlog   msg/s  orch    pg kafka parts\n\
+                      (ord/s)             (ms)   (ms)    (ms)                    saga  /saga  at end         cores cores cores cores";
+
+/// pgbench against a scratch database holding the orchestrator's schema: a whole saga's
+/// orchestrator SQL (scripts/bench.d/saga.sql) and one step-like transaction (step.sql).
+async fn pgbench(system: &System, seconds: u32, clients: u32) -> anyhow::Result<Value> {
+    let pgbench = glob_pgbench().context("pgbench not found under /usr/lib/postgresql")?;
+    let url = system.database_url("orchestrator");
+    let dir = saga_e2e::workspace_root().join("scripts/bench.d");
+    let pool = system.pool("orchestrator").await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_sample AS
+         SELECT row_number() OVER (ORDER BY id) AS k, id FROM (SELECT id FROM saga_instances LIMIT 1000) s",
+    )
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    let mut out = serde_json::Map::new();
+    for (name, script) in [("saga", "saga.sql"), ("step", "step.sql")] {
+        let output = tokio::process::Command::new(&pgbench)
+            .args(["-n", "-M", "prepared", "-T", &seconds.to_string(), "-c", &clients.to_string(), "-j", "2"])
+            .arg("-f")
+            .arg(dir.join(script))
+            .arg(&url)
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!("pgbench {script}: {}{}", text, String::from_utf8_lossy(&output.stderr));
+        }
+        let tps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok()))
+            .context("no tps in pgbench's output")?;
+        let latency = text.lines().find_map(|l| {
+            l.strip_prefix("latency average = ").and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+        });
+        out.insert(
+            name.into(),
+            json!({"per_second": tps, "latency_ms": latency, "script": format!("scripts/bench.d/{script}")}),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+fn glob_pgbench() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> =
+        std::fs::read_dir("/usr/lib/postgresql").ok()?.flatten().map(|e| e.path()).collect();
+    versions.sort();
+    versions.into_iter().rev().map(|v| v.join("bin/pgbench")).find(|p| p.exists())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned());
+    let memory = procfs::Current::current().map(|m: procfs::Meminfo| m.mem_total).ok();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory_gb": memory.map(|b| b as f64 / 1e9),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut options = Options::default();
+    for setting in &args.env {
+        let (name, value) = setting.split_once('=').context("--env takes NAME=VALUE")?;
+        for service in SERVICES {
+            options = options.env(service, name, value);
+        }
+    }
+    println!("bench: services from {}", saga_e2e::bin_dir().display());
+    let system = System::start_with(options).await?;
+    let skus: Vec<String> = (0..8).map(|i| format!("BENCH-{i}")).collect();
+    let sku_refs: Vec<&str> = skus.iter().map(String::as_str).collect();
+    faults::stock_up(&system, &sku_refs, 1_000_000_000).await?;
+    let pool = system.pool("orchestrator").await?;
+    let mut single: BTreeMap<String, i32> = BTreeMap::new();
+    for service in SERVICES {
+        single.insert(service.to_owned(), system.pid(service)? as i32);
+    }
+    single.insert("driver".into(), std::process::id() as i32);
+    if let Some(pid) = bench::kafka_pid() {
+        single.insert("kafka".into(), pid);
+    }
+    let bench = Bench { system, pool, watched: Watched { single }, skus, sequence: Default::default() };
+    println!(
+        "system {} ready; logs in {}/e2e-logs/{}",
+        bench.system.run_id,
+        saga_e2e::bin_dir().display(),
+        bench.system.run_id
+    );
+    // A short warm-up: connections, topics' leaders, the JIT of the broker.
+    bench.run("warm-up", 50.0, 5.0).await?;
+
+    let mut runs = Vec::new();
+    println!("{HEADER}");
+    let mut saturation = None;
+    if let Some(rate) = args.at {
+        let run = bench.run("sustained", rate, args.seconds).await?;
+        println!("{}", line(&run));
+        runs.push(run);
+    } else {
+        let mut last_good: Option<f64> = None;
+        for &rate in &args.rates {
+            let run = bench.run("search", rate, args.step_seconds).await?;
+            println!("{}", line(&run));
+            let saturated = run["saturated"].as_bool() == Some(true);
+            runs.push(run);
+            if saturated {
+                // One more point between the last rate that kept up and this one.
+                if let Some(good) = last_good {
+                    let middle = ((good + rate) / 2.0_f64).round();
+                    let run = bench.run("search", middle, args.step_seconds).await?;
+                    println!("{}", line(&run));
+                    if run["saturated"].as_bool() != Some(true) {
+                        last_good = Some(middle);
+                    }
+                    runs.push(run);
+                }
+                saturation = last_good;
+                break;
+            }
+            last_good = Some(rate);
+            saturation = last_good;
+        }
+        if let Some(rate) = saturation {
+            let half = (rate / 2.0).round();
+            println!(
+                "saturation: {rate:.0} orders/s (the highest rate without a growing backlog); now {half:.0}/s for {} s",
+                args.half_seconds
+            );
+            let run = bench.run("half-saturation", half, args.half_seconds).await?;
+            println!("{}", line(&run));
+            runs.push(run);
+        }
+    }
+    // Stop the services, then measure Postgres alone on the same tables.
+    for service in SERVICES {
+        bench.system.kill(service).await?;
+    }
+    let pg = if args.pgbench_seconds > 0 {
+        let pg = pgbench(&bench.system, args.pgbench_seconds, args.pgbench_clients).await?;
+        println!(
+            "postgres ceiling (pgbench, {} clients, {} s each): the orchestrator's SQL of a whole saga {:.0}/s; one step-like transaction {:.0}/s",
+            args.pgbench_clients, args.pgbench_seconds, pg["saga"]["per_second"].as_f64().unwrap_or(0.0), pg["step"]["per_second"].as_f64().unwrap_or(0.0)
+        );
+        pg
+    } else {
+        Value::Null
+    };
+    for run in &runs {
+        print_detail(run);
+    }
+    let report = json!({
+        "at": Utc::now(),
+        "machine": machine(),
+        "git": git_revision(),
+        "args": format!("{args:?}"),
+        "saturation_per_s": saturation,
+        "runs": runs,
+        "pgbench": pg,
+    });
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    println!("report: {}", args.json.display());
+    bench.system.stop().await?;
+    Ok(())
+}
+
+fn print_detail(run: &Value) {
+    println!("\n{} at {} orders/s:", run["label"].as_str().unwrap_or(""), run["offered_per_s"]);
+    println!(
+        "  statuses {}; drained {:.1} s after the last arrival",
+        run["statuses"],
+        run["drained_in_s"].as_f64().unwrap_or(0.0)
+    );
+    println!("  end to end (ms) {}", run["e2e_ms"]);
+    println!(
+        "  order placed to saga started (ms) {}; of which the order API's answer {}",
+        run["start_ms"], run["order_api_ms"]
+    );
+    println!(
+        "  orchestrator step overhead (ms) {}; its batches (ms) {}",
+        run["step_overhead_ms"], run["orchestrator_batch_ms"]
+    );
+    println!("  outbox dwell by service (ms) {}", run["outbox_dwell_ms"]);
+    for hop in run["round_trip_ms"].as_array().into_iter().flatten() {
+        println!(
+            "  round trip {:<22} {:<12} p50 {:>7.1} ms  p99 {:>7.1} ms",
+            hop["step"].as_str().unwrap_or(""),
+            hop["kind"].as_str().unwrap_or(""),
+            hop["p50"].as_f64().unwrap_or(0.0),
+            hop["p99"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "  per saga: {:.1} commits, {:.0} WAL bytes, {:.1} broker messages",
+        run["commits_per_saga"].as_f64().unwrap_or(0.0),
+        run["wal_bytes_per_saga"].as_f64().unwrap_or(0.0),
+        run["broker_messages_per_saga"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(processes) = run["processes"].as_object() {
+        for (name, p) in processes {
+            println!(
+                "  {:<13} cpu {:>7.1} s ({:.2} cores, {:>5.2} ms/saga)  peak memory {:>7.1} MB",
+                name,
+                p["cpu_seconds"].as_f64().unwrap_or(0.0),
+                p["cores"].as_f64().unwrap_or(0.0),
+                p["cpu_ms_per_saga"].as_f64().unwrap_or(0.0),
+                p["peak_memory_mb"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+}
+
+fn git_revision() -> Option<String> {
+    let output = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use saga_runtime::config::{parse_millis, parse_secret, DatabaseConfig, KafkaConfig, OutboxConfig, TelemetryConfig};
+use saga_runtime::retention::RetentionConfig;
 use secrecy::SecretString;
 
 #[derive(Debug, Parser)]
@@ -67,6 +68,10 @@ pub(crate) struct Config {
     pub(crate) outbox: OutboxConfig,
     #[command(flatten)]
     pub(crate) telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub(crate) keep: crate::retention::Keep,
+    #[command(flatten)]
+    pub(crate) retention: RetentionConfig,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@ mod engine;
 mod http;
 mod inbound;
 mod metrics;
+mod retention;
 mod store;
 mod timers;
 
@@ -158,6 +159,18 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
             shutdown.clone(),
         ),
     );
+    let retention_status = saga_runtime::retention::SharedStatus::default();
+    let retention_policies = retention::policies(&config.keep);
+    supervisor.spawn(
+        "retention",
+        saga_runtime::retention::run(
+            pool.clone(),
+            retention_policies.clone(),
+            config.retention.clone(),
+            retention_status.clone(),
+            shutdown.clone(),
+        ),
+    );
     let state = http::AppState {
         pool: pool.clone(),
         engine,
@@ -165,6 +178,12 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
         dead_letters: Arc::new(dead_letters),
         admission,
         start_queue,
+        retention: Arc::new(http::Retention {
+            policies: retention_policies,
+            status: retention_status,
+            config: config.retention.clone(),
+            dead_letter_topics: config.kafka.kafka_dead_letter_retention.0,
+        }),
     };
     let readiness =
         health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer, tasks: supervisor.health() };

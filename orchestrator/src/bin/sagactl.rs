@@ -176,6 +176,9 @@ enum Command {
     Audit { id: String },
     /// The loaded saga definitions.
     Definitions,
+    /// What the orchestrator keeps and for how long: per policy its age limit, rows, rows past
+    /// their age now, and what retention deleted since the orchestrator started.
+    Retention,
     /// Dead letters: messages a consumer could not apply, and their replay.
     #[command(subcommand)]
     Dlq(Dlq),
@@ -501,6 +504,43 @@ fn render_definitions(list: &Value) -> String {
     )
 }
 
+fn render_retention(view: &Value) -> String {
+    let mut out = table(
+        &["POLICY", "KEEP", "ROWS (EST.)", "PAST AGE NOW", "DELETED SINCE START", "WHAT"],
+        view["policies"].as_array().into_iter().flatten().map(|p| {
+            let keep = if p["keep"].is_null() { "forever".to_owned() } else { text(&p["keep"]) };
+            let past = match (&p["past_retention"], p["past_retention_capped"].as_bool()) {
+                (Value::Null, _) => "-".to_owned(),
+                (n, Some(true)) => format!("> {}", text(n)),
+                (n, _) => text(n),
+            };
+            let deleted: Vec<String> = p["deleted_since_start"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(table, n)| format!("{table} {}", text(n)))
+                .collect();
+            let mut what = text(&p["what"]);
+            if !p["last_error"].is_null() {
+                what = format!("{what} (last error: {})", text(&p["last_error"]));
+            }
+            vec![text(&p["policy"]), keep, text(&p["rows_estimate"]), past, deleted.join(", "), what]
+        }),
+    );
+    out.push_str(&format!(
+        "\nRuns every {}, at most {} rows per transaction; last round: {}. Dead-letter topics keep messages {}.\n",
+        text(&view["interval"]),
+        text(&view["batch_size"]),
+        if view["last_run"].is_null() { "not yet".to_owned() } else { text(&view["last_run"]) },
+        if view["dead_letter_topics_keep"].is_null() {
+            "as the broker's default says".to_owned()
+        } else {
+            text(&view["dead_letter_topics_keep"])
+        },
+    ));
+    out
+}
+
 fn render_dead_letters(page: &Value) -> String {
     let mut out = table(
         &["ID", "DEAD-LETTERED AT", "SERVICE", "SOURCE", "REASON", "ERROR", "REPLAYED"],
@@ -586,6 +626,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         }
         Command::Audit { id } => (client.get(&format!("/api/v1/sagas/{id}/audit"), &[]).await?, render_audit),
         Command::Definitions => (client.get("/api/v1/saga-definitions", &[]).await?, render_definitions),
+        Command::Retention => (client.get("/api/v1/retention", &[]).await?, render_retention),
         Command::Dlq(Dlq::List { topic, reason, pending, replayed, limit }) => {
             let mut query = vec![("limit", limit.to_string())];
             query.extend(topic.map(|t| ("topic", t)));

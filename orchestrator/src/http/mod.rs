@@ -9,6 +9,7 @@ mod definitions;
 mod error;
 mod operations;
 mod params;
+mod retention;
 mod sagas;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub(crate) use error::ApiError;
+pub(crate) use retention::Retention;
 
 use crate::engine::Engine;
 use crate::metrics as m;
@@ -41,6 +43,7 @@ pub(crate) struct AppState {
     pub(crate) dead_letters: Arc<crate::dead_letters::DeadLetters>,
     pub(crate) admission: Arc<crate::admission::Admission>,
     pub(crate) start_queue: Arc<StartQueue>,
+    pub(crate) retention: Arc<Retention>,
 }
 
 /// Where start requests wait while admission holds them back.
@@ -110,6 +113,7 @@ fn api() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(definitions::show))
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::replay))
+        .routes(routes!(retention::show))
         .split_for_parts()
 }
 

@@ -61,6 +61,10 @@ pub struct KafkaConfig {
     /// Replication factor of topics this service creates.
     #[arg(long, env = "KAFKA_TOPIC_REPLICATION", default_value_t = 1)]
     pub kafka_topic_replication: i32,
+    /// How long the dead-letter topics this service creates keep a message (`retention.ms`), e.g.
+    /// `14d`; `off` leaves the broker's default. Set when the topic is created.
+    #[arg(long, env = "KAFKA_DEAD_LETTER_RETENTION", default_value = "14d", value_parser = crate::retention::parse_keep)]
+    pub kafka_dead_letter_retention: crate::retention::Keep,
     /// Most messages consumed and applied in one database transaction.
     #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = 200)]
     pub kafka_batch_size: usize,

@@ -29,9 +29,12 @@ pub mod headers {
     pub const ALL: &[&str] = &[SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET, REASON, ERROR, AT, SERVICE];
 }
 
+/// What a dead-letter topic's name ends with.
+pub const SUFFIX: &str = ".dlq";
+
 /// The dead-letter topic of `topic`.
 pub fn topic_of(topic: &str) -> String {
-    format!("{topic}.dlq")
+    format!("{topic}{SUFFIX}")
 }
 
 /// Why a message is dead-lettered: a bounded label (metrics) and the error (headers, logs).

@@ -193,10 +193,19 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> anyhow::R
         return Ok(());
     }
     let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let dead_letter_retention = config.kafka_dead_letter_retention.0.map(|keep| keep.as_millis().to_string());
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|name| {
-            NewTopic::new(name, config.kafka_topic_partitions, TopicReplication::Fixed(config.kafka_topic_replication))
+            let topic = NewTopic::new(
+                name,
+                config.kafka_topic_partitions,
+                TopicReplication::Fixed(config.kafka_topic_replication),
+            );
+            match &dead_letter_retention {
+                Some(ms) if name.ends_with(crate::dead_letter::SUFFIX) => topic.set("retention.ms", ms),
+                _ => topic,
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

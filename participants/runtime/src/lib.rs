@@ -15,6 +15,7 @@ pub mod kafka;
 pub mod openapi;
 pub mod outbox;
 pub mod participant;
+pub mod retention;
 pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;

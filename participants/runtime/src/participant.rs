@@ -283,6 +283,14 @@ pub struct ServiceConfig {
     pub outbox: OutboxConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    /// How long a handled command's dedupe record is kept (e.g. `14d`); `off` keeps them forever.
+    /// A command redelivered after its record is gone would act again: keep this longer than the
+    /// commands topic keeps messages (Kafka's `retention.ms`, 7 days by default) plus the longest
+    /// a saga may run.
+    #[arg(long, env = "DEDUPE_RETENTION", default_value = "14d", value_parser = crate::retention::parse_keep)]
+    pub dedupe_retention: crate::retention::Keep,
+    #[command(flatten)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// A service's defaults.
@@ -367,6 +375,16 @@ pub async fn run<P: Participant>(
     );
     supervisor
         .spawn("outbox-gauges", outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+    supervisor.spawn(
+        "retention",
+        crate::retention::run(
+            pool.clone(),
+            vec![crate::retention::dedupe_policy(config.dedupe_retention.0)],
+            config.retention.clone(),
+            crate::retention::SharedStatus::default(),
+            shutdown.clone(),
+        ),
+    );
     let handler = CommandHandler {
         pool: pool.clone(),
         participant: participant(pool.clone()),

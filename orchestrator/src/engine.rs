@@ -15,14 +15,14 @@ use saga_defs::{
     SagaLifecycleEvent, SagaState, SagaStatus, StartSagaRequest,
 };
 use saga_runtime::dead_letter::Reason;
-use saga_runtime::outbox::{self, OutboxMessage};
+use saga_runtime::outbox::OutboxMessage;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::metrics as m;
 use crate::store::{self, HistoryEntry, NewSaga, SagaRow};
+use crate::writes::Writes;
 
 /// Metric updates to record once the transaction that caused them has committed.
 #[derive(Debug, Default)]
@@ -267,7 +267,7 @@ impl Engine {
     /// Starts a saga, or finds the one already started with the same idempotency key.
     pub(crate) async fn start(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         request: &StartSagaRequest,
         effects: &mut Effects,
     ) -> Result<Started, StartError> {
@@ -289,7 +289,7 @@ impl Engine {
         let id = request.saga_id.as_uuid();
         let first = &definition.steps[0];
         let inserted = store::insert(
-            conn,
+            w.conn,
             NewSaga {
                 id,
                 saga_type: definition.name.as_str(),
@@ -306,7 +306,7 @@ impl Engine {
         .await?;
         if !inserted {
             let (existing, existing_hash) =
-                store::find_by_key(conn, definition.name.as_str(), &request.idempotency_key)
+                store::find_by_key(w.conn, definition.name.as_str(), &request.idempotency_key)
                     .await?
                     .ok_or(sqlx::Error::RowNotFound)?;
             if existing_hash != hash {
@@ -315,7 +315,7 @@ impl Engine {
             return Ok(Started::Existing(existing));
         }
         let summary = describe(definition, None, "started", &transition);
-        self.write_effects(conn, id, definition, &request.input, &json!({}), &transition, clock.now).await?;
+        self.write_effects(w, id, definition, &request.input, &json!({}), &transition, clock.now).await?;
         let started = Lifecycle {
             event_type: LifecycleEventType::Started,
             saga_id: id,
@@ -325,20 +325,17 @@ impl Engine {
             version: 1,
             now: clock.now,
         };
-        outbox::insert(conn, &[self.lifecycle_event(started)]).await?;
-        store::append_history(
-            conn,
-            HistoryEntry {
-                saga_id: id,
-                version: 1,
-                from_status: None,
-                to_status: transition.next.status,
-                trigger: "STARTED",
-                summary: &summary,
-                detail: detail(&transition, None),
-                now: clock.now,
-            },
-        )
+        w.outbox(vec![self.lifecycle_event(started)]).await?;
+        w.append_history(HistoryEntry {
+            saga_id: id,
+            version: 1,
+            from_status: None,
+            to_status: transition.next.status,
+            trigger: "STARTED",
+            summary: &summary,
+            detail: detail(&transition, None),
+            now: clock.now,
+        })
         .await?;
         effects.0.push(Effect::Created { saga_type: definition.name.to_string() });
         tracing::info!(saga_id = %id, saga_type = %definition.name, "saga started");
@@ -351,12 +348,12 @@ impl Engine {
     /// dead letter.
     pub(crate) async fn on_reply(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         reply: &ReplyEnvelope,
         effects: &mut Effects,
     ) -> Result<Option<Reason>, ApplyError> {
         let saga_id = reply.saga_id.as_uuid();
-        let Some(row) = store::lock(conn, saga_id).await? else {
+        let Some(row) = w.lock(saga_id).await? else {
             return Ok(Some(Reason::new("unknown_saga", format!("no saga {saga_id}"))));
         };
         let Some(definition) = self.registry.get(&row.saga_type, row.definition_version as u32) else {
@@ -370,10 +367,10 @@ impl Engine {
             outcome: reply.outcome.clone(),
         });
         let origin = Origin { trigger: "REPLY", message_id: Some(reply.message_id), operator: None };
-        let Err(refused) = self.transition(conn, definition, row, &event, origin, effects).await? else {
+        let Err(refused) = self.transition(w, definition, row, &event, origin, effects).await? else {
             return Ok(None);
         };
-        match store::attempt_status(conn, saga_id, reply.step.as_str(), reply.kind, reply.attempt).await?.as_deref() {
+        match w.attempt_status(saga_id, reply.step.as_str(), reply.kind, reply.attempt).await?.as_deref() {
             None => Ok(Some(Reason::new("unexpected_reply", format!("no such command was sent: {refused}")))),
             Some(status) => {
                 let label = if matches!(status, "SUCCEEDED" | "FAILED") { "duplicate" } else { "stale" };
@@ -385,15 +382,10 @@ impl Engine {
     }
 
     /// Fires the timer of a saga the caller has locked.
-    pub(crate) async fn on_timer(
-        &self,
-        conn: &mut PgConnection,
-        id: Uuid,
-        effects: &mut Effects,
-    ) -> Result<(), ApplyError> {
-        let Some(row) = store::lock(conn, id).await? else { return Ok(()) };
+    pub(crate) async fn on_timer(&self, w: &mut Writes<'_>, id: Uuid, effects: &mut Effects) -> Result<(), ApplyError> {
+        let Some(row) = w.lock(id).await? else { return Ok(()) };
         let origin = Origin { trigger: "TIMER", message_id: None, operator: None };
-        self.apply(conn, row, &SagaEvent::TimerFired, origin, effects).await
+        self.apply(w, row, &SagaEvent::TimerFired, origin, effects).await
     }
 
     /// Moves a saga that cannot be processed aside: `NEEDS_ATTENTION` with code
@@ -401,7 +393,7 @@ impl Engine {
     /// without reading its JSON. Nothing happens to a saga that has ended.
     pub(crate) async fn park(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         id: Uuid,
         trigger: &str,
         reason: &str,
@@ -409,22 +401,19 @@ impl Engine {
     ) -> sqlx::Result<()> {
         let now = Utc::now();
         let code = saga_defs::contract::codes::UNPROCESSABLE_SAGA;
-        let Some(parked) = store::park(conn, id, code, reason, now).await? else { return Ok(()) };
+        let Some(parked) = w.park(id, code, reason, now).await? else { return Ok(()) };
         let summary = format!("could not be processed: {reason}; needs a human");
         let from_status = parked.status_before.parse::<SagaStatus>().ok();
-        store::append_history(
-            conn,
-            HistoryEntry {
-                saga_id: id,
-                version: parked.version,
-                from_status,
-                to_status: SagaStatus::NeedsAttention,
-                trigger,
-                summary: &summary,
-                detail: json!({"parked": {"code": code, "reason": reason}}),
-                now,
-            },
-        )
+        w.append_history(HistoryEntry {
+            saga_id: id,
+            version: parked.version,
+            from_status,
+            to_status: SagaStatus::NeedsAttention,
+            trigger,
+            summary: &summary,
+            detail: json!({"parked": {"code": code, "reason": reason}}),
+            now,
+        })
         .await?;
         if let (Ok(saga_type), Ok(step)) =
             (saga_defs::SagaType::parse(parked.saga_type.clone()), saga_defs::StepName::parse(parked.step_name.clone()))
@@ -447,8 +436,7 @@ impl Engine {
                 }),
                 occurred_at: now,
             };
-            outbox::insert(conn, &[OutboxMessage::new(self.topic(EVENTS_TOPIC), id, MESSAGE_TYPE_EVENT, &payload)])
-                .await?;
+            w.outbox(vec![OutboxMessage::new(self.topic(EVENTS_TOPIC), id, MESSAGE_TYPE_EVENT, &payload)]).await?;
         }
         effects.0.push(Effect::Parked { saga_type: parked.saga_type.clone(), trigger: trigger.to_lowercase() });
         effects.0.push(Effect::Ended {
@@ -463,14 +451,14 @@ impl Engine {
     /// An operator's retry or abort of the saga `id`, which this call locks.
     pub(crate) async fn operate(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         id: Uuid,
         operation: &Operation,
         operator: &Operator<'_>,
         effects: &mut Effects,
     ) -> Result<Operated, OperateError> {
-        let row = store::lock(conn, id).await?.ok_or(OperateError::NotFound(id))?;
-        self.operate_locked(conn, row, operation, operator, effects).await
+        let row = w.lock(id).await?.ok_or(OperateError::NotFound(id))?;
+        self.operate_locked(w, row, operation, operator, effects).await
     }
 
     /// Whether the state machine would allow `operation` on `row`, without writing anything
@@ -494,7 +482,7 @@ impl Engine {
     /// history entry and the audit entry on the caller's transaction.
     pub(crate) async fn operate_locked(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         row: SagaRow,
         operation: &Operation,
         operator: &Operator<'_>,
@@ -511,9 +499,10 @@ impl Engine {
         let (id, version_before) = (row.id, row.version);
         let origin = Origin { trigger: operation.as_str(), message_id: None, operator: Some(operator) };
         let (transition, summary) =
-            self.transition(conn, definition, row, &event, origin, effects).await?.map_err(OperateError::Refused)?;
+            self.transition(w, definition, row, &event, origin, effects).await?.map_err(OperateError::Refused)?;
+        w.flush().await?;
         let audit_id = store::append_audit(
-            conn,
+            w.conn,
             store::NewAudit {
                 saga_id: id,
                 action: operation.as_str(),
@@ -543,7 +532,7 @@ impl Engine {
     #[tracing::instrument(skip_all, fields(saga_id = %row.id, trigger = origin.trigger))]
     async fn apply(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         row: SagaRow,
         event: &SagaEvent,
         origin: Origin<'_>,
@@ -554,7 +543,7 @@ impl Engine {
             effects.ignored("unknown_definition");
             return Ok(());
         };
-        if let Err(error) = self.transition(conn, definition, row, event, origin, effects).await? {
+        if let Err(error) = self.transition(w, definition, row, event, origin, effects).await? {
             tracing::info!(%error, "event changes nothing");
             effects.ignored(error.label());
         }
@@ -565,7 +554,7 @@ impl Engine {
     /// does not apply to the saga's state; nothing was written then.
     async fn transition(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         definition: &SagaDefinition,
         row: SagaRow,
         event: &SagaEvent,
@@ -590,7 +579,7 @@ impl Engine {
             },
             _ => None,
         };
-        if !store::update(conn, &row, next, step_name, new_output, clock.now).await? {
+        if !w.update(&row, next, step_name, new_output, clock.now).await? {
             return Err(ApplyError::VersionConflict(row.id));
         }
         let input = row.input()?.clone();
@@ -599,7 +588,7 @@ impl Engine {
             map.insert(step.to_owned(), output.clone());
         }
         if let Some(finished) = &transition.finished {
-            let started = store::finish_attempt(conn, row.id, finished, clock.now).await?;
+            let started = w.finish_attempt(row.id, finished, clock.now).await?;
             let (outcome, code) = match &finished.outcome {
                 AttemptOutcome::Succeeded { .. } => ("succeeded", None),
                 AttemptOutcome::Failed(e) => ("failed", Some(e.code.clone())),
@@ -615,7 +604,7 @@ impl Engine {
                 seconds: started.map(|s| (clock.now - s).num_milliseconds() as f64 / 1000.0),
             });
         }
-        self.write_effects(conn, row.id, definition, &input, &outputs, &transition, clock.now).await?;
+        self.write_effects(w, row.id, definition, &input, &outputs, &transition, clock.now).await?;
         let mut summary = describe(definition, Some(&state), origin.trigger, &transition);
         let mut history_detail = detail(&transition, origin.message_id);
         if let Some(operator) = origin.operator {
@@ -623,19 +612,16 @@ impl Engine {
                 format!("{} by {} ({}); {summary}", origin.trigger.to_lowercase(), operator.actor, operator.reason);
             history_detail["operator"] = json!({"actor": operator.actor, "reason": operator.reason});
         }
-        store::append_history(
-            conn,
-            HistoryEntry {
-                saga_id: row.id,
-                version: row.version + 1,
-                from_status: Some(state.status),
-                to_status: next.status,
-                trigger: origin.trigger,
-                summary: &summary,
-                detail: history_detail,
-                now: clock.now,
-            },
-        )
+        w.append_history(HistoryEntry {
+            saga_id: row.id,
+            version: row.version + 1,
+            from_status: Some(state.status),
+            to_status: next.status,
+            trigger: origin.trigger,
+            summary: &summary,
+            detail: history_detail,
+            now: clock.now,
+        })
         .await?;
         if let Some(event_type) = LifecycleEventType::entering(next.status).filter(|_| next.status != state.status) {
             let event = Lifecycle {
@@ -647,7 +633,7 @@ impl Engine {
                 version: row.version + 1,
                 now: clock.now,
             };
-            outbox::insert(conn, &[self.lifecycle_event(event)]).await?;
+            w.outbox(vec![self.lifecycle_event(event)]).await?;
         }
         if next.status.is_terminal() {
             effects.0.push(Effect::Ended {
@@ -683,7 +669,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     async fn write_effects(
         &self,
-        conn: &mut PgConnection,
+        w: &mut Writes<'_>,
         id: Uuid,
         definition: &SagaDefinition,
         input: &Value,
@@ -693,7 +679,7 @@ impl Engine {
     ) -> sqlx::Result<()> {
         let mut messages = Vec::with_capacity(transition.commands.len());
         for command in &transition.commands {
-            store::insert_attempt(conn, id, command, now).await?;
+            w.insert_attempt(id, command, now).await?;
             let envelope = CommandEnvelope {
                 schema_version: SCHEMA_VERSION,
                 message_id: Uuid::now_v7(),
@@ -716,7 +702,7 @@ impl Engine {
                 &envelope,
             ));
         }
-        outbox::insert(conn, &messages).await
+        w.outbox(messages).await
     }
 }
 

@@ -10,11 +10,11 @@ use saga_defs::contract::{
 use saga_defs::{ReplyEnvelope, StartSagaRequest};
 use saga_runtime::consumer::{BatchHandler, Record};
 use saga_runtime::dead_letter::{self, Reason};
-use saga_runtime::outbox;
 use sqlx::PgPool;
 
 use crate::admission::Admission;
 use crate::engine::{ApplyError, Effects, Engine, StartError};
+use crate::writes::Writes;
 
 /// The name on the orchestrator's dead letters.
 const SERVICE: &str = "saga-orchestrator";
@@ -87,21 +87,32 @@ impl BatchHandler for Inbound {
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::default();
         let mut dead = Vec::new();
-        for record in records {
-            let verdict = match self.parse(record) {
-                Ok(Message::Reply(reply)) => match self.engine.on_reply(&mut tx, &reply, &mut effects).await {
+        let parsed: Vec<Result<Message, Reason>> = records.iter().map(|r| self.parse(r)).collect();
+        // One transaction, and about seven statements, for the whole batch (see `writes`).
+        let mut writes = Writes::batched(&mut tx);
+        let sagas: Vec<uuid::Uuid> = parsed
+            .iter()
+            .filter_map(|m| match m {
+                Ok(Message::Reply(reply)) => Some(reply.saga_id.as_uuid()),
+                _ => None,
+            })
+            .collect();
+        writes.prefetch(&sagas).await?;
+        for (record, parsed) in records.iter().zip(parsed) {
+            let verdict = match parsed {
+                Ok(Message::Reply(reply)) => match self.engine.on_reply(&mut writes, &reply, &mut effects).await {
                     Ok(verdict) => verdict,
                     // Found before anything was written for it: the saga is parked in this
                     // transaction, and the reply kept in the dead-letter topic for a replay once
                     // the saga is fixed.
                     Err(ApplyError::Corrupt(error)) => {
                         let reason = format!("{error}");
-                        self.engine.park(&mut tx, reply.saga_id.as_uuid(), "REPLY", &reason, &mut effects).await?;
+                        self.engine.park(&mut writes, reply.saga_id.as_uuid(), "REPLY", &reason, &mut effects).await?;
                         Some(Reason::new("unprocessable_saga", reason))
                     }
                     Err(error) => return Err(error.into()),
                 },
-                Ok(Message::Start(request)) => match self.engine.start(&mut tx, &request, &mut effects).await {
+                Ok(Message::Start(request)) => match self.engine.start(&mut writes, &request, &mut effects).await {
                     Ok(_) => None,
                     Err(StartError::Database(error)) => return Err(error.into()),
                     Err(error) => {
@@ -126,7 +137,8 @@ impl BatchHandler for Inbound {
             }
         }
         let messages: Vec<_> = dead.iter().map(|(m, _)| m.clone()).collect();
-        outbox::insert(&mut tx, &messages).await?;
+        writes.outbox(messages).await?;
+        writes.flush().await?;
         tx.commit().await?;
         for saga_type in effects.created() {
             self.admission.started(saga_type);

@@ -10,6 +10,7 @@ mod metrics;
 mod retention;
 mod store;
 mod timers;
+mod writes;
 
 use std::sync::Arc;
 use std::time::Duration;

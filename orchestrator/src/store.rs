@@ -150,7 +150,7 @@ pub(crate) async fn get(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Optio
         .await
 }
 
-fn waiting_label(waiting: &Waiting) -> &'static str {
+pub(crate) fn waiting_label(waiting: &Waiting) -> &'static str {
     match waiting {
         Waiting::Reply { .. } => "REPLY",
         Waiting::Retry { .. } => "RETRY",
@@ -263,6 +263,20 @@ pub(crate) async fn update(
     Ok(result.rows_affected() == 1)
 }
 
+/// How an attempt's outcome is stored: status, error code, error message, output.
+pub(crate) fn outcome_columns(outcome: &AttemptOutcome) -> (&'static str, Option<&str>, Option<&str>, Option<&Value>) {
+    match outcome {
+        AttemptOutcome::Succeeded { output } => ("SUCCEEDED", None, None, Some(output)),
+        AttemptOutcome::Failed(error) => ("FAILED", Some(error.code.as_str()), Some(error.message.as_str()), None),
+        AttemptOutcome::TimedOut => {
+            ("TIMED_OUT", Some(saga_defs::contract::codes::STEP_TIMEOUT), Some("no reply before the deadline"), None)
+        }
+        AttemptOutcome::Abandoned => {
+            ("ABANDONED", None, Some("an operator's retry or abort stopped waiting for it"), None)
+        }
+    }
+}
+
 /// Records that a command was sent.
 pub(crate) async fn insert_attempt(
     conn: &mut PgConnection,
@@ -314,16 +328,7 @@ pub(crate) async fn finish_attempt(
     finished: &FinishedAttempt,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Option<DateTime<Utc>>> {
-    let (status, code, message, output) = match &finished.outcome {
-        AttemptOutcome::Succeeded { output } => ("SUCCEEDED", None, None, Some(output)),
-        AttemptOutcome::Failed(error) => ("FAILED", Some(error.code.as_str()), Some(error.message.as_str()), None),
-        AttemptOutcome::TimedOut => {
-            ("TIMED_OUT", Some(saga_defs::contract::codes::STEP_TIMEOUT), Some("no reply before the deadline"), None)
-        }
-        AttemptOutcome::Abandoned => {
-            ("ABANDONED", None, Some("an operator's retry or abort stopped waiting for it"), None)
-        }
-    };
+    let (status, code, message, output) = outcome_columns(&finished.outcome);
     sqlx::query_scalar(
         "UPDATE saga_step_attempts SET status = $5, error_code = $6, error_message = $7, output = $8, finished_at = $9
          WHERE saga_id = $1 AND step_name = $2 AND kind = $3 AND attempt = $4 AND status = 'PENDING'

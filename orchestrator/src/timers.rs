@@ -51,14 +51,15 @@ async fn tick(pool: &PgPool, engine: &Engine, batch: i64) -> anyhow::Result<usiz
     for id in &due {
         let mut item = Effects::default();
         let mut savepoint = tx.begin().await?;
-        match engine.on_timer(&mut savepoint, *id, &mut item).await {
+        match engine.on_timer(&mut crate::writes::Writes::direct(&mut savepoint), *id, &mut item).await {
             Ok(()) => {
                 savepoint.commit().await?;
                 effects.extend(item);
             }
             Err(error) if error.is_the_sagas() => {
                 savepoint.rollback().await?;
-                engine.park(&mut tx, *id, "TIMER", &format!("{error:#}"), &mut effects).await?;
+                let mut writes = crate::writes::Writes::direct(&mut tx);
+                engine.park(&mut writes, *id, "TIMER", &format!("{error:#}"), &mut effects).await?;
             }
             Err(error) => return Err(error.into()),
         }

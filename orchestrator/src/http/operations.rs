@@ -173,7 +173,8 @@ async fn act_on_one(
         Box::pin(async move {
             let operator =
                 Operator { actor: &actor, reason: &reason, idempotency_key: key_for_audit.as_deref(), bulk_id: None };
-            let done = engine.operate(conn, id, &operation, &operator, effects).await.map_err(operate_error)?;
+            let mut writes = crate::writes::Writes::direct(conn);
+            let done = engine.operate(&mut writes, id, &operation, &operator, effects).await.map_err(operate_error)?;
             let result = ActionResult::from((&operation, &done));
             Ok((StatusCode::OK, serde_json::to_value(result).map_err(anyhow::Error::from)?))
         })
@@ -346,7 +347,16 @@ pub(crate) async fn bulk_retry(
                     });
                     continue;
                 }
-                match engine.operate_locked(conn, row, &Operation::Retry, &operator, effects).await {
+                match engine
+                    .operate_locked(
+                        &mut crate::writes::Writes::direct(conn),
+                        row,
+                        &Operation::Retry,
+                        &operator,
+                        effects,
+                    )
+                    .await
+                {
                     Ok(done) => items.push(item("retried", Some(done.status_after.as_str().to_owned()), done.summary)),
                     Err(OperateError::Refused(refusal)) => items.push(item("refused", None, refusal.to_string())),
                     // Found before anything was written for this saga; the others go on.

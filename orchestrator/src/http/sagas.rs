@@ -108,7 +108,8 @@ pub(crate) async fn start(
     }
     let mut tx = state.pool.begin().await?;
     let mut effects = Effects::default();
-    let started = state.engine.start(&mut tx, &request, &mut effects).await.map_err(|error| match error {
+    let mut writes = crate::writes::Writes::direct(&mut tx);
+    let started = state.engine.start(&mut writes, &request, &mut effects).await.map_err(|error| match error {
         StartError::Database(e) => ApiError::from(e),
         StartError::KeyReused { .. } => ApiError::IdempotencyKeyReused(error.to_string()),
         other => ApiError::BadRequest(other.to_string()),

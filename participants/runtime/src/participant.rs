@@ -127,8 +127,12 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
         let mut tx = self.pool.begin().await?;
         let mut messages = Vec::with_capacity(records.len());
         let mut rejected = Vec::new();
-        for record in records {
-            let command = match parse_command(record) {
+        let parsed: Vec<Result<CommandEnvelope, BadCommand>> = records.iter().map(parse_command).collect();
+        // The batch's dedupe records in one statement, and its new ones in one more at the end.
+        let keys: Vec<&CommandEnvelope> = parsed.iter().filter_map(|c| c.as_ref().ok()).collect();
+        let mut processed = Processed::load(&mut tx, &keys).await?;
+        for (record, command) in records.iter().zip(parsed) {
+            let command = match command {
                 Ok(command) => command,
                 Err(error) => {
                     let reason = dead_letter::Reason::new(error.label(), &error);
@@ -137,9 +141,10 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
                     continue;
                 }
             };
-            let reply = self.process(&mut tx, &command).await?;
+            let reply = self.process(&mut tx, &command, &mut processed).await?;
             messages.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
         }
+        processed.store(&mut tx).await?;
         outbox::insert(&mut tx, &messages).await?;
         crate::crash_point!("participant.after_handle");
         tx.commit().await?;
@@ -161,16 +166,15 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
 
 impl<P: Participant> CommandHandler<P> {
     #[tracing::instrument(skip_all, fields(saga_id = %command.saga_id, step = %command.step, kind = %command.kind, attempt = command.attempt))]
-    async fn process(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<ReplyEnvelope> {
+    async fn process(
+        &self,
+        conn: &mut PgConnection,
+        command: &CommandEnvelope,
+        processed: &mut Processed,
+    ) -> sqlx::Result<ReplyEnvelope> {
         let name = P::NAME;
-        let stored: Option<sqlx::types::Json<ReplyOutcome>> =
-            sqlx::query_scalar("SELECT outcome FROM processed_commands WHERE saga_id = $1 AND step = $2 AND kind = $3")
-                .bind(command.saga_id.as_uuid())
-                .bind(command.step.as_str())
-                .bind(command.kind.as_str())
-                .fetch_optional(&mut *conn)
-                .await?;
-        if let Some(sqlx::types::Json(outcome)) = stored {
+        let key = (command.saga_id.as_uuid(), command.step.to_string(), command.kind.as_str());
+        if let Some(outcome) = processed.known.get(&key).cloned() {
             tracing::info!("duplicate command: replaying the stored reply");
             counter!(COMMANDS, "action" => command.action.clone(), "kind" => command.kind.as_str(), "result" => "replayed").increment(1);
             let mut reply = ReplyEnvelope::answering(command, name, outcome);
@@ -198,13 +202,7 @@ impl<P: Participant> CommandHandler<P> {
         tracing::info!(result, "handled command");
 
         if result != "transient" {
-            sqlx::query("INSERT INTO processed_commands (saga_id, step, kind, outcome) VALUES ($1, $2, $3, $4)")
-                .bind(command.saga_id.as_uuid())
-                .bind(command.step.as_str())
-                .bind(command.kind.as_str())
-                .bind(sqlx::types::Json(&reply_outcome))
-                .execute(&mut *conn)
-                .await?;
+            processed.record(key, reply_outcome.clone(), false);
         }
         if command.kind == StepKind::Compensation {
             let tombstone = ReplyOutcome::Failed {
@@ -213,17 +211,76 @@ impl<P: Participant> CommandHandler<P> {
                     "this step was compensated before its action arrived",
                 ),
             };
-            sqlx::query(
-                "INSERT INTO processed_commands (saga_id, step, kind, outcome) VALUES ($1, $2, 'ACTION', $3)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(command.saga_id.as_uuid())
-            .bind(command.step.as_str())
-            .bind(sqlx::types::Json(&tombstone))
+            processed.record((command.saga_id.as_uuid(), command.step.to_string(), "ACTION"), tombstone, true);
+        }
+        Ok(ReplyEnvelope::answering(command, name, reply_outcome))
+    }
+}
+
+/// A batch's dedupe records: those stored before it (read in one statement) and those it adds
+/// (written in one statement before the batch commits, in the batch's transaction).
+struct Processed {
+    known: std::collections::HashMap<(uuid::Uuid, String, &'static str), ReplyOutcome>,
+    /// New records: key, outcome, and whether it is a tombstone (kept only if no record exists).
+    new: Vec<((uuid::Uuid, String, &'static str), ReplyOutcome, bool)>,
+}
+
+impl Processed {
+    async fn load(conn: &mut PgConnection, commands: &[&CommandEnvelope]) -> sqlx::Result<Self> {
+        let mut known = std::collections::HashMap::new();
+        if !commands.is_empty() {
+            // By saga id, the primary key's first column: an index lookup per saga (a join on all
+            // three columns with UNNEST was planned as a scan of the table). A participant keeps
+            // few records per saga; those of other steps are ignored.
+            let mut sagas: Vec<uuid::Uuid> = commands.iter().map(|c| c.saga_id.as_uuid()).collect();
+            sagas.sort();
+            sagas.dedup();
+            let rows: Vec<(uuid::Uuid, String, String, sqlx::types::Json<ReplyOutcome>)> =
+                sqlx::query_as("SELECT saga_id, step, kind, outcome FROM processed_commands WHERE saga_id = ANY($1)")
+                    .bind(&sagas)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for (saga_id, step, kind, sqlx::types::Json(outcome)) in rows {
+                let kind = if kind == StepKind::Compensation.as_str() { "COMPENSATION" } else { "ACTION" };
+                if commands.iter().any(|c| c.saga_id.as_uuid() == saga_id && c.step.as_str() == step) {
+                    known.insert((saga_id, step, kind), outcome);
+                }
+            }
+        }
+        Ok(Self { known, new: Vec::new() })
+    }
+
+    /// Records an outcome; a tombstone only where no record exists.
+    fn record(&mut self, key: (uuid::Uuid, String, &'static str), outcome: ReplyOutcome, tombstone: bool) {
+        if tombstone && self.known.contains_key(&key) {
+            return;
+        }
+        self.known.insert(key.clone(), outcome.clone());
+        self.new.push((key, outcome, tombstone));
+    }
+
+    async fn store(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        for tombstones in [false, true] {
+            let rows: Vec<_> = self.new.iter().filter(|(_, _, t)| *t == tombstones).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            // A record written meanwhile by someone else fails the batch (which is then applied
+            // again and replays it); a tombstone gives way to it.
+            let conflict = if tombstones { " ON CONFLICT DO NOTHING" } else { "" };
+            sqlx::query(&format!(
+                "INSERT INTO processed_commands (saga_id, step, kind, outcome)
+                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[]){conflict}"
+            ))
+            .bind(rows.iter().map(|((id, _, _), _, _)| *id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|((_, step, _), _, _)| step.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|((_, _, kind), _, _)| *kind).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, outcome, _)| sqlx::types::Json(outcome)).collect::<Vec<_>>())
             .execute(&mut *conn)
             .await?;
         }
-        Ok(ReplyEnvelope::answering(command, name, reply_outcome))
+        self.new.clear();
+        Ok(())
     }
 }
 

@@ -500,7 +500,7 @@ impl Engine {
         let origin = Origin { trigger: operation.as_str(), message_id: None, operator: Some(operator) };
         let (transition, summary) =
             self.transition(w, definition, row, &event, origin, effects).await?.map_err(OperateError::Refused)?;
-        w.flush().await?;
+        w.flush().await?; // a direct writer: nothing is handed off
         let audit_id = store::append_audit(
             w.conn,
             store::NewAudit {

@@ -25,6 +25,8 @@ pub(crate) struct Inbound {
     pub(crate) replies_topic: String,
     pub(crate) start_topic: String,
     pub(crate) admission: Arc<Admission>,
+    /// Publish on commit (see `saga_runtime::outbox::Handoff`); `None`: the relay reads back.
+    pub(crate) handoff: Option<saga_runtime::outbox::Handoff>,
 }
 
 enum Message {
@@ -84,12 +86,13 @@ impl Inbound {
 
 impl BatchHandler for Inbound {
     async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::default();
         let mut dead = Vec::new();
         let parsed: Vec<Result<Message, Reason>> = records.iter().map(|r| self.parse(r)).collect();
         // One transaction, and about seven statements, for the whole batch (see `writes`).
-        let mut writes = Writes::batched(&mut tx);
+        let mut writes = Writes::batched(&mut tx, self.handoff.is_some());
         let sagas: Vec<uuid::Uuid> = parsed
             .iter()
             .filter_map(|m| match m {
@@ -138,8 +141,11 @@ impl BatchHandler for Inbound {
         }
         let messages: Vec<_> = dead.iter().map(|(m, _)| m.clone()).collect();
         writes.outbox(messages).await?;
-        writes.flush().await?;
+        let handed = writes.flush().await?;
         tx.commit().await?;
+        if let (Some(handoff), Some(handed)) = (&self.handoff, handed) {
+            handoff.send(handed.since(started));
+        }
         for saga_type in effects.created() {
             self.admission.started(saga_type);
         }

@@ -118,9 +118,15 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let engine = Arc::new(engine::Engine::new(registry.clone(), config.kafka.kafka_topic_prefix.clone()));
     let shutdown = shutdown::on_signal();
     let mut supervisor = supervisor::Supervisor::new(shutdown.clone());
+    let (handoff, handoffs) = if config.outbox.outbox_publish_on_commit {
+        let (handoff, handoffs) = outbox::Handoff::channel();
+        (Some(handoff), Some(handoffs))
+    } else {
+        (None, None)
+    };
     supervisor.spawn(
         "outbox-relay",
-        outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()),
+        outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), handoffs, shutdown.clone()),
     );
     supervisor
         .spawn("outbox-gauges", outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
@@ -137,6 +143,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
         replies_topic,
         start_topic: start_topic.clone(),
         admission: admission.clone(),
+        handoff,
     };
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();

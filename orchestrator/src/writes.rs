@@ -31,6 +31,8 @@ fn key(saga_id: Uuid, step: &str, kind: StepKind, attempt: u32) -> AttemptKey {
 pub(crate) struct Writes<'c> {
     pub(crate) conn: &'c mut PgConnection,
     batch: Option<Batch>,
+    /// The batch's outbox rows are handed to the relay after commit (publish on commit).
+    handoff: bool,
 }
 
 #[derive(Default)]
@@ -70,12 +72,13 @@ struct PendingAttempt {
 impl<'c> Writes<'c> {
     /// Every read and write goes to the database at once.
     pub(crate) fn direct(conn: &'c mut PgConnection) -> Self {
-        Self { conn, batch: None }
+        Self { conn, batch: None, handoff: false }
     }
 
-    /// Reads come from the rows locked for the batch; writes wait for [`Writes::flush`].
-    pub(crate) fn batched(conn: &'c mut PgConnection) -> Self {
-        Self { conn, batch: Some(Batch::default()) }
+    /// Reads come from the rows locked for the batch; writes wait for [`Writes::flush`]. With
+    /// `handoff`, the outbox rows `flush` writes are returned to hand to the relay after commit.
+    pub(crate) fn batched(conn: &'c mut PgConnection, handoff: bool) -> Self {
+        Self { conn, batch: Some(Batch::default()), handoff }
     }
 
     /// Locks and reads the sagas `ids` (and their pending attempts) in two statements, in id
@@ -263,7 +266,7 @@ impl<'c> Writes<'c> {
         reason: &str,
         now: DateTime<Utc>,
     ) -> sqlx::Result<Option<store::Parked>> {
-        self.flush().await?;
+        self.flush_unhanded().await?;
         if let Some(batch) = self.batch.as_mut() {
             batch.rows.remove(&id);
             batch.attempts.retain(|(saga, ..), _| *saga != id);
@@ -271,10 +274,19 @@ impl<'c> Writes<'c> {
         store::park(self.conn, id, code, reason, now).await
     }
 
+    /// Writes what is buffered in the middle of a batch: its outbox rows are left to the relay
+    /// (not handed off), since the batch goes on.
+    async fn flush_unhanded(&mut self) -> sqlx::Result<()> {
+        let handoff = std::mem::replace(&mut self.handoff, false);
+        let flushed = self.flush().await.map(|_| ());
+        self.handoff = handoff;
+        flushed
+    }
+
     /// Writes everything buffered, each table in one statement. Nothing to do for a direct
-    /// writer. The caller commits.
-    pub(crate) async fn flush(&mut self) -> sqlx::Result<()> {
-        let Some(batch) = self.batch.as_mut() else { return Ok(()) };
+    /// writer. The caller commits, then hands what is returned to the relay.
+    pub(crate) async fn flush(&mut self) -> sqlx::Result<Option<outbox::HandedOff>> {
+        let Some(batch) = self.batch.as_mut() else { return Ok(None) };
         let conn = &mut *self.conn;
         let updates = std::mem::take(&mut batch.updates);
         if !updates.is_empty() {
@@ -391,6 +403,9 @@ impl<'c> Writes<'c> {
             .await?;
         }
         let messages = std::mem::take(&mut batch.outbox);
-        outbox::insert(conn, &messages).await
+        if self.handoff {
+            return outbox::insert_for_handoff(conn, messages).await.map(Some);
+        }
+        outbox::insert(conn, &messages).await.map(|_| None)
     }
 }

@@ -95,6 +95,14 @@ pub struct OutboxConfig {
     /// How often the relay looks at the outbox when no notification arrives (milliseconds).
     #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", default_value = "1000", value_parser = parse_millis)]
     pub outbox_poll_interval: Duration,
+    /// Publish on commit: the consumers hand what they just committed to the relay, which
+    /// publishes it at once instead of reading it back from the table.
+    #[arg(long, env = "OUTBOX_PUBLISH_ON_COMMIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub outbox_publish_on_commit: bool,
+    /// How old a handed-off row must be before the relay's sweep publishes it (a crash or a failed
+    /// publish left it), in milliseconds.
+    #[arg(long, env = "OUTBOX_HANDOFF_GRACE_MS", default_value = "2000", value_parser = parse_millis)]
+    pub outbox_handoff_grace: Duration,
 }
 
 /// Logging and metrics settings.

@@ -55,8 +55,20 @@ impl OutboxMessage {
 
 /// Inserts messages into the outbox on the caller's connection (normally inside its transaction).
 pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> sqlx::Result<()> {
+    insert_rows(conn, messages, false).await.map(|_| ())
+}
+
+/// Inserts messages that the caller will hand to the relay once its transaction committed
+/// ([`Handoff::send`]): the relay publishes them at once, and sweeps them only if they are still
+/// there after its grace period. Returns the batch to hand off.
+pub async fn insert_for_handoff(conn: &mut PgConnection, messages: Vec<OutboxMessage>) -> sqlx::Result<HandedOff> {
+    let ids = insert_rows(conn, &messages, true).await?;
+    Ok(HandedOff { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() })
+}
+
+async fn insert_rows(conn: &mut PgConnection, messages: &[OutboxMessage], handed_off: bool) -> sqlx::Result<Vec<i64>> {
     if messages.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
@@ -77,9 +89,11 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> sqlx
         .collect();
     let headers: Vec<sqlx::types::Json<&[(String, String)]>> =
         messages.iter().map(|m| sqlx::types::Json(m.headers.as_slice())).collect();
-    sqlx::query(
-        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::jsonb[])",
+    // Ids are drawn in the order of the arrays, so they sort as the messages were given.
+    let mut ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
+         SELECT u.*, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::jsonb[]) AS u
+         RETURNING id",
     )
     .bind(topics)
     .bind(keys)
@@ -87,9 +101,53 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> sqlx
     .bind(payloads)
     .bind(raws)
     .bind(headers)
-    .execute(conn)
+    .bind(handed_off)
+    .fetch_all(conn)
     .await?;
-    Ok(())
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Committed outbox rows and their messages, to publish now.
+#[derive(Debug)]
+pub struct HandedOff {
+    rows: Vec<(i64, OutboxMessage)>,
+    /// When the work that wrote them began (for `saga_outbox_dwell_seconds`).
+    started: Instant,
+}
+
+impl HandedOff {
+    /// Counts from `started` instead (the start of the batch that wrote them).
+    pub fn since(mut self, started: Instant) -> Self {
+        self.started = started;
+        self
+    }
+}
+
+/// The way from a committed transaction to this process's relay. Sending never waits: when the
+/// relay is behind (its queue is full) the rows stay in the outbox for its sweep.
+#[derive(Debug, Clone)]
+pub struct Handoff(tokio::sync::mpsc::Sender<HandedOff>);
+
+/// Batches the relay may hold before a handoff is left to the sweep.
+const HANDOFF_QUEUE: usize = 256;
+
+impl Handoff {
+    pub fn channel() -> (Self, tokio::sync::mpsc::Receiver<HandedOff>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_QUEUE);
+        (Self(tx), rx)
+    }
+
+    /// Hands committed rows to the relay. Call only after the transaction that inserted them
+    /// committed.
+    pub fn send(&self, batch: HandedOff) {
+        if batch.rows.is_empty() {
+            return;
+        }
+        if self.0.try_send(batch).is_err() {
+            counter!(HANDOFFS_LEFT).increment(1);
+        }
+    }
 }
 
 pub(crate) const PUBLISHED: &str = "saga_outbox_published_total";
@@ -98,6 +156,7 @@ pub(crate) const BATCH_SECONDS: &str = "saga_outbox_batch_duration_seconds";
 pub(crate) const PENDING: &str = "saga_outbox_pending";
 pub(crate) const OLDEST_AGE: &str = "saga_outbox_oldest_age_seconds";
 pub(crate) const DWELL_SECONDS: &str = "saga_outbox_dwell_seconds";
+pub(crate) const HANDOFFS_LEFT: &str = "saga_outbox_handoffs_left_total";
 /// Finer than the default buckets: the dwell of a healthy outbox is a few milliseconds.
 pub(crate) const DWELL_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -114,7 +173,12 @@ pub(crate) fn describe_metrics() {
         "From the start of the transaction that wrote a message to the outbox to its hand-off to the Kafka producer \
          (for the orchestrator: reply consumed to next command produced), on the database's clock"
     );
+    describe_counter!(
+        HANDOFFS_LEFT,
+        "Committed batches not published on commit (relay behind, or a publish failed) and left to the relay's sweep"
+    );
     // At zero from the start, so that `rate()` and alerts see the first error.
+    metrics::counter!(HANDOFFS_LEFT).increment(0);
     metrics::counter!(PUBLISHED).increment(0);
     metrics::counter!(PUBLISH_ERRORS).increment(0);
 }
@@ -133,14 +197,23 @@ struct Row {
 }
 
 /// Publishes one batch. Returns how many messages were published.
-pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size: i64) -> anyhow::Result<usize> {
+pub async fn publish_batch(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    batch_size: i64,
+    grace: Duration,
+) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
+    // Handed-off rows are being published by whoever committed them; only those a crash or a
+    // failed publish left behind (older than the grace period) are swept.
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, topic, message_key, message_type, payload::text AS payload, raw_payload, headers,
                 EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS dwell
-         FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+         FROM outbox WHERE NOT handed_off OR created_at < clock_timestamp() - $2 * interval '1 millisecond'
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(batch_size)
+    .bind(grace.as_millis() as f64)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
@@ -187,7 +260,13 @@ pub async fn publish_batch(pool: &PgPool, producer: &FutureProducer, batch_size:
 
 /// Runs the relay until `shutdown`: publishes whenever a transaction wrote to the outbox
 /// (LISTEN/NOTIFY), and at least every poll interval.
-pub async fn run_relay(pool: PgPool, producer: FutureProducer, config: OutboxConfig, shutdown: CancellationToken) {
+pub async fn run_relay(
+    pool: PgPool,
+    producer: FutureProducer,
+    config: OutboxConfig,
+    mut handoffs: Option<tokio::sync::mpsc::Receiver<HandedOff>>,
+    shutdown: CancellationToken,
+) {
     let mut listener = match PgListener::connect_with(&pool).await {
         Ok(mut listener) => match listener.listen("outbox").await {
             Ok(()) => Some(listener),
@@ -207,12 +286,13 @@ pub async fn run_relay(pool: PgPool, producer: FutureProducer, config: OutboxCon
         max_elapsed_time: None,
         ..ExponentialBackoff::default()
     };
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(HANDOFFS_IN_FLIGHT));
     while !shutdown.is_cancelled() {
         // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
         // its transaction back, and its rows are published after the restart.
         let published = tokio::select! {
             _ = shutdown.cancelled() => break,
-            published = publish_batch(&pool, &producer, config.outbox_batch_size) => published,
+            published = publish_batch(&pool, &producer, config.outbox_batch_size, config.outbox_handoff_grace) => published,
         };
         match published {
             Ok(n) => {
@@ -242,12 +322,116 @@ pub async fn run_relay(pool: PgPool, producer: FutureProducer, config: OutboxCon
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = notified => {}
-            _ = tokio::time::sleep(config.outbox_poll_interval) => {}
+        tokio::pin!(notified);
+        let poll = tokio::time::sleep(config.outbox_poll_interval);
+        tokio::pin!(poll);
+        // Until the table needs a look, publish what committed transactions hand over.
+        loop {
+            let handed = async {
+                match handoffs.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut notified => break,
+                _ = &mut poll => break,
+                batch = handed => match batch {
+                    Some(batch) => {
+                        let mut batches = vec![batch];
+                        while let Some(more) = handoffs.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                            batches.push(more);
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = publish_handed_off(&pool, &producer, batches, &in_flight) => {}
+                        }
+                    }
+                    None => handoffs = None,
+                },
+            }
         }
     }
+}
+
+/// Hand-offs whose acknowledgements may be awaited at once; beyond, the relay waits.
+const HANDOFFS_IN_FLIGHT: usize = 64;
+
+/// Produces rows handed over on commit, in order, then (off the relay's path, so that the next
+/// batch is produced meanwhile) awaits the broker's acknowledgements and deletes them. Rows that
+/// could not be produced stay for the sweep once older than the grace period.
+async fn publish_handed_off(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    batches: Vec<HandedOff>,
+    in_flight: &std::sync::Arc<tokio::sync::Semaphore>,
+) {
+    let started = Instant::now();
+    let dwell = histogram!(DWELL_SECONDS);
+    let schema_version = SCHEMA_VERSION.to_string();
+    let mut encoded = Vec::new();
+    for batch in &batches {
+        let seconds = batch.started.elapsed().as_secs_f64();
+        for (id, message) in &batch.rows {
+            dwell.record(seconds);
+            let payload = match &message.payload {
+                Payload::Json(value) => Some(serde_json::to_vec(value).unwrap_or_default()),
+                Payload::Raw(bytes) => bytes.clone(),
+            };
+            encoded.push((*id, message, payload));
+        }
+    }
+    let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+    crate::faults::crash_point!("outbox.before_publish");
+    let mut deliveries = Vec::with_capacity(encoded.len());
+    for (_, message, payload) in &encoded {
+        let mut headers = OwnedHeaders::new_with_capacity(2 + message.headers.len());
+        if let Some(message_type) = message.message_type {
+            headers = headers
+                .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(message_type) })
+                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version.as_str()) });
+        }
+        for (name, value) in &message.headers {
+            headers = headers.insert(Header { key: name, value: Some(value.as_str()) });
+        }
+        let mut record = FutureRecord::<str, [u8]>::to(&message.topic).key(&message.key).headers(headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((error, _)) => {
+                counter!(PUBLISH_ERRORS).increment(1);
+                counter!(HANDOFFS_LEFT).increment(batches.len() as u64);
+                tracing::warn!(%error, "producing on commit failed; the relay's sweep publishes these rows later");
+                return;
+            }
+        }
+    }
+    let ids: Vec<i64> = encoded.iter().map(|(id, _, _)| *id).collect();
+    let (pool, handed) = (pool.clone(), batches.len() as u64);
+    tokio::spawn(async move {
+        let _permit = permit;
+        for delivery in futures::future::join_all(deliveries).await {
+            let error = match delivery {
+                Ok(Ok(_)) => continue,
+                Ok(Err((error, _))) => error.to_string(),
+                Err(_) => "the producer dropped the message".to_owned(),
+            };
+            counter!(PUBLISH_ERRORS).increment(1);
+            counter!(HANDOFFS_LEFT).increment(handed);
+            tracing::error!(error, "publishing on commit failed; the relay's sweep publishes these rows later");
+            return;
+        }
+        crate::faults::crash_point!("outbox.after_publish");
+        if let Err(error) = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&ids).execute(&pool).await {
+            // Published: the sweep publishes them once more (consumers deduplicate), then deletes them.
+            tracing::warn!(%error, "deleting published outbox rows failed");
+        }
+        histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        counter!(PUBLISHED).increment(ids.len() as u64);
+    });
 }
 
 /// Samples the outbox backlog into the `saga_outbox_pending` and `saga_outbox_oldest_age_seconds`

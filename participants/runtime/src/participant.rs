@@ -69,6 +69,8 @@ fn describe_metrics() {
 /// Applies batches of commands for one participant.
 pub struct CommandHandler<P> {
     pub pool: PgPool,
+    /// Publish on commit (see [`outbox::Handoff`]); `None`: the relay reads the replies back.
+    pub handoff: Option<outbox::Handoff>,
     pub participant: P,
     /// The service's name (`payment-service`), recorded on its dead letters.
     pub service: String,
@@ -124,6 +126,7 @@ pub fn parse_command(record: &Record) -> Result<CommandEnvelope, BadCommand> {
 
 impl<P: Participant> BatchHandler for CommandHandler<P> {
     async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut messages = Vec::with_capacity(records.len());
         let mut rejected = Vec::new();
@@ -145,9 +148,18 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
             messages.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
         }
         processed.store(&mut tx).await?;
-        outbox::insert(&mut tx, &messages).await?;
+        let handed = match &self.handoff {
+            Some(_) => Some(outbox::insert_for_handoff(&mut tx, messages).await?.since(started)),
+            None => {
+                outbox::insert(&mut tx, &messages).await?;
+                None
+            }
+        };
         crate::crash_point!("participant.after_handle");
         tx.commit().await?;
+        if let (Some(handoff), Some(handed)) = (&self.handoff, handed) {
+            handoff.send(handed);
+        }
         for (topic, label) in rejected {
             counter!(REJECTED, "reason" => label).increment(1);
             dead_letter::count(topic, label);
@@ -426,9 +438,15 @@ pub async fn run<P: Participant>(
     let consumer = crate::kafka::consumer(&config.kafka, &group, &[topic])?;
     let shutdown = crate::shutdown::on_signal();
     let mut supervisor = crate::supervisor::Supervisor::new(shutdown.clone());
+    let (handoff, handoffs) = if config.outbox.outbox_publish_on_commit {
+        let (handoff, handoffs) = outbox::Handoff::channel();
+        (Some(handoff), Some(handoffs))
+    } else {
+        (None, None)
+    };
     supervisor.spawn(
         "outbox-relay",
-        outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), shutdown.clone()),
+        outbox::run_relay(pool.clone(), producer.clone(), config.outbox.clone(), handoffs, shutdown.clone()),
     );
     supervisor
         .spawn("outbox-gauges", outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
@@ -443,6 +461,7 @@ pub async fn run<P: Participant>(
         ),
     );
     let handler = CommandHandler {
+        handoff,
         pool: pool.clone(),
         participant: participant(pool.clone()),
         service: format!("{name}-service"),

@@ -448,6 +448,18 @@ async fn a_saga_that_needs_attention_is_retried_once_under_double_submission_and
     // The cause is fixed; the retry is clicked twice at once with one key: one action.
     system.spawn("payment")?;
     system.wait_ready("payment", SETTLE).await?;
+    // Until it has caught up with the commands sent while it was away (its first fetch after
+    // joining can take over half a second, longer than this saga's 600 ms timeout), so that the
+    // retry's command is answered within its deadline.
+    let payment = system.pool("payment").await?;
+    let caught_up = std::time::Instant::now();
+    while sum(&payment, "SELECT count(*) FROM processed_commands WHERE saga_id = $1 AND kind = 'COMPENSATION'", &saga)
+        .await
+        == 0
+    {
+        assert!(caught_up.elapsed() < SETTLE, "the payment service never handled the refunds sent while it was away");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let retry = json!({"reason": "payment service is back"});
     let path = format!("/api/v1/sagas/{saga}/retry");
     let (first, second) = tokio::join!(
@@ -467,7 +479,6 @@ async fn a_saga_that_needs_attention_is_retried_once_under_double_submission_and
 
     let done = system.wait_status(&saga, "FAILED", SETTLE).await?;
     assert_eq!(system.stock("SKU-ATT").await?, 10, "the stock is released");
-    let payment = system.pool("payment").await?;
     let net =
         sum(&payment, "SELECT coalesce(sum(amount_cents), 0)::bigint FROM ledger WHERE saga_id = $1", &saga).await;
     let charges =

@@ -53,6 +53,17 @@ struct Args {
     /// Extra environment for every service, NAME=VALUE (e.g. LOG_LEVEL=warn), to measure a setting.
     #[arg(long = "env")]
     env: Vec<String>,
+    /// Instead of the search: hold this many sagas in flight (the payment service stopped, every
+    /// timeout an hour), measuring the orchestrator's memory, then let them all finish.
+    #[arg(long)]
+    hold: Option<usize>,
+    /// Orders per second while filling up for --hold.
+    #[arg(long, default_value_t = 400.0)]
+    hold_rate: f64,
+    /// With --hold: SIGKILL the orchestrator once this many sagas are in flight, restart it, and
+    /// check that they all resume.
+    #[arg(long)]
+    kill_at: Option<usize>,
 }
 
 /// Everything counted at one moment.
@@ -122,18 +133,32 @@ impl Bench {
                 placed.map(|p| (p.saga_id, scheduled, answered))
             });
         }
-        // Memory is sampled every second while the run lasts; its peak is reported.
+        // Every second while the run lasts: memory (its peak is reported) and, while arrivals
+        // last, the backlog: orders scheduled so far minus sagas of this run ended so far.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sampler = async {
             let mut peak: BTreeMap<String, u64> = BTreeMap::new();
+            let mut backlog: Vec<(f64, i64)> = Vec::new();
             let mut stop = stop_rx.clone();
             loop {
                 for (name, usage) in self.watched.sample() {
                     let entry = peak.entry(name).or_default();
                     *entry = (*entry).max(usage.memory_bytes);
                 }
+                let t = started.elapsed().as_secs_f64();
+                if t <= seconds {
+                    let ended: sqlx::Result<i64> =
+                        sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE ended_at >= $1")
+                            .bind(started_wall)
+                            .fetch_one(&self.pool)
+                            .await;
+                    if let Ok(ended) = ended {
+                        let scheduled = ((t * rate).floor() as i64).min(count as i64);
+                        backlog.push((t, scheduled - ended));
+                    }
+                }
                 tokio::select! {
-                    _ = stop.changed() => return peak,
+                    _ = stop.changed() => return (peak, backlog),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
@@ -166,7 +191,7 @@ impl Bench {
             stop_tx.send_replace(true);
             anyhow::Ok((placed, placed_in, backlog, completed as f64 / window, failed as f64 / window, drained))
         };
-        let (result, peak) = tokio::join!(placing, sampler);
+        let (result, (peak, backlog_series)) = tokio::join!(placing, sampler);
         let (placed, placed_in, backlog, completed_per_s, failed_per_s, drained) = result?;
         // Backends report their counters at most once a second.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -232,7 +257,14 @@ impl Bench {
                 (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
             })
             .collect();
-        let saturated = completed_per_s + failed_per_s < 0.95 * rate || backlog as f64 > (rate * 1.0).max(50.0);
+        // Saturated: fewer sagas end than orders arrive, or the backlog grows from the middle of
+        // the arrivals to their end (beyond noise: a fifth, plus a tenth of a second of arrivals).
+        let at = |fraction: f64| {
+            backlog_series.iter().rev().find(|(t, _)| *t <= seconds * fraction).map_or(0, |(_, b)| *b) as f64
+        };
+        let (middle, end) = (at(0.5), at(1.0));
+        let grows = end > middle * 1.2 + 0.1 * rate;
+        let saturated = completed_per_s + failed_per_s < 0.95 * rate || grows;
         Ok(json!({
             "label": label,
             "offered_per_s": rate,
@@ -242,6 +274,7 @@ impl Bench {
             "completed_per_s": completed_per_s,
             "failed_per_s": failed_per_s,
             "backlog_at_end": backlog,
+            "backlog_series": backlog_series,
             "saturated": saturated,
             "drained_in_s": drained.as_secs_f64(),
             "statuses": statuses,
@@ -395,6 +428,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("bench: services from {}", saga_e2e::bin_dir().display());
+    if let Some(hold) = args.hold {
+        return hold_in_flight(&args, options, hold).await;
+    }
     let system = System::start_with(options).await?;
     let skus: Vec<String> = (0..8).map(|i| format!("BENCH-{i}")).collect();
     let sku_refs: Vec<&str> = skus.iter().map(String::as_str).collect();
@@ -542,6 +578,172 @@ fn print_detail(run: &Value) {
 }
 
 fn git_revision() -> Option<String> {
-    let output = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
+    let output = std::process::Command::new("git").args(["describe", "--always", "--dirty"]).output().ok()?;
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The order saga as v2 with every timeout an hour: sagas held at a stopped participant wait
+/// instead of timing out.
+fn patient_definitions() -> anyhow::Result<PathBuf> {
+    let source = saga_e2e::workspace_root().join("saga-defs/definitions/order-fulfilment.v1.json");
+    let mut definition: Value = serde_json::from_str(&std::fs::read_to_string(source)?)?;
+    definition["version"] = json!(2);
+    fn patient(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    if key == "timeout_ms" {
+                        *v = json!(3_600_000);
+                    } else {
+                        patient(v);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(patient),
+            _ => {}
+        }
+    }
+    patient(&mut definition);
+    let dir = saga_e2e::workspace_root().join("target/bench/patient-definitions");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("order-fulfilment.v2.json"), serde_json::to_string_pretty(&definition)?)?;
+    Ok(dir)
+}
+
+/// Memory with many sagas in flight, and recovery: fills the system with `hold` sagas waiting at
+/// a stopped payment service, optionally SIGKILLs and restarts the orchestrator on the way, then
+/// lets them all finish and checks that none timed out.
+async fn hold_in_flight(args: &Args, options: Options, hold: usize) -> anyhow::Result<()> {
+    let options = options
+        .env("orchestrator", "SAGA_DEFINITIONS_DIR", patient_definitions()?.display().to_string())
+        .env("orchestrator", "SAGA_MAX_IN_FLIGHT", (hold * 2).to_string());
+    let system = System::start_with(options).await?;
+    let skus: Vec<String> = (0..8).map(|i| format!("HOLD-{i}")).collect();
+    let sku_refs: Vec<&str> = skus.iter().map(String::as_str).collect();
+    faults::stock_up(&system, &sku_refs, 1_000_000_000).await?;
+    let pool = system.pool("orchestrator").await?;
+    system.signal("payment", "STOP")?;
+    println!("system {} ready; payment stopped; placing {hold} orders at {}/s", system.run_id, args.hold_rate);
+    let started = Instant::now();
+    let rss = |system: &System| -> f64 {
+        system
+            .pid("orchestrator")
+            .ok()
+            .and_then(|pid| procfs::process::Process::new(pid as i32).ok()?.status().ok()?.vmrss)
+            .map_or(0.0, |kb| kb as f64 / 1024.0)
+    };
+    let waiting = |pool: &PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM saga_instances WHERE status = 'RUNNING' AND step_name = 'charge_payment'",
+            )
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    let mut killed: Option<Value> = None;
+    let mut peak_rss: f64 = 0.0;
+    let mut samples = Vec::new();
+    let placed = {
+        let placing = faults::place_many(&system, "hold", hold, args.hold_rate, &sku_refs, |i| {
+            if i % 20 == 3 {
+                Kind::Declined
+            } else {
+                Kind::Good
+            }
+        });
+        tokio::pin!(placing);
+        let placed = loop {
+            tokio::select! {
+                placed = &mut placing => break placed?,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    let (now, held) = (rss(&system), waiting(&pool).await.unwrap_or(-1));
+                    peak_rss = peak_rss.max(now);
+                    samples.push(json!({"t": started.elapsed().as_secs_f64(), "held": held, "orchestrator_rss_mb": now}));
+                    println!("{:>6.0} s  held at payment {held:>7}  orchestrator RSS {now:>6.1} MB", started.elapsed().as_secs_f64());
+                    if let (Some(at), None) = (args.kill_at, &killed) {
+                        if held >= at as i64 {
+                            system.kill("orchestrator").await?;
+                            let restarted = Instant::now();
+                            system.spawn("orchestrator")?;
+                            system.wait_ready("orchestrator", Duration::from_secs(120)).await?;
+                            let ready = restarted.elapsed().as_secs_f64();
+                            println!("SIGKILLed the orchestrator with {held} held; ready again in {ready:.1} s");
+                            killed = Some(json!({"held": held, "ready_again_s": ready}));
+                        }
+                    }
+                }
+            }
+        };
+        placed
+    };
+    // Every placed saga reaches the payment step (declined cards too: they are declined there).
+    let filled = Instant::now();
+    loop {
+        let held = waiting(&pool).await?;
+        if held as usize >= placed.len() || filled.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = waiting(&pool).await?;
+    let rss_held = rss(&system);
+    peak_rss = peak_rss.max(rss_held);
+    println!("held: {held} sagas in flight at the payment step; orchestrator RSS {rss_held:.1} MB (peak so far {peak_rss:.1} MB)");
+    system.signal("payment", "CONT")?;
+    let released = Instant::now();
+    let ids: Vec<Uuid> = placed.iter().map(|p| p.saga_id).collect();
+    loop {
+        let open: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE id = ANY($1) AND ended_at IS NULL")
+                .bind(&ids)
+                .fetch_one(&pool)
+                .await?;
+        let now = rss(&system);
+        peak_rss = peak_rss.max(now);
+        if open == 0 {
+            break;
+        }
+        if released.elapsed() > Duration::from_secs(3600) {
+            bail!("{open} sagas still in flight an hour after the payment service resumed");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let drained = released.elapsed().as_secs_f64();
+    let statuses: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*) FROM saga_instances WHERE id = ANY($1) GROUP BY status ORDER BY status",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await?;
+    let timed_out: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_step_attempts WHERE status = 'TIMED_OUT'")
+        .fetch_one(&pool)
+        .await?;
+    let report = json!({
+        "at": Utc::now(),
+        "machine": machine(),
+        "git": git_revision(),
+        "held": held,
+        "orchestrator_rss_mb_held": rss_held,
+        "orchestrator_rss_mb_peak": peak_rss,
+        "killed": killed,
+        "drained_in_s": drained,
+        "drain_per_s": held as f64 / drained,
+        "statuses": statuses.iter().cloned().collect::<BTreeMap<String, i64>>(),
+        "timed_out_attempts": timed_out,
+        "samples": samples,
+    });
+    println!("drained {held} sagas in {drained:.0} s ({:.0}/s); statuses {}; timed-out attempts {timed_out}; orchestrator RSS peak {peak_rss:.1} MB", held as f64 / drained, report["statuses"]);
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    println!("report: {}", args.json.display());
+    system.stop().await?;
+    if timed_out > 0 || statuses.iter().any(|(s, _)| s != "COMPLETED" && s != "FAILED") {
+        bail!("not every saga ended as its business rule says, or an attempt timed out");
+    }
+    Ok(())
 }

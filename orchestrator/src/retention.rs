@@ -43,39 +43,28 @@ pub(crate) fn policies(keep: &Keep) -> Vec<Policy> {
                          DELETE FROM saga_instances WHERE id IN (SELECT id FROM doomed) RETURNING 1
                      )
                      SELECT (SELECT count(*) FROM sagas), (SELECT count(*) FROM attempts),
-                            (SELECT count(*) FROM history), (SELECT count(*) FROM audit)",
+                            (SELECT count(*) FROM history), (SELECT count(*) FROM audit)"
+                .to_owned(),
             tables: &["saga_instances", "saga_step_attempts", "saga_history", "saga_audit"],
             eligible: "SELECT count(*) FROM (SELECT 1 FROM saga_instances
-                       WHERE status IN ('COMPLETED', 'FAILED') AND ended_at < $1 LIMIT $2) s",
+                       WHERE status IN ('COMPLETED', 'FAILED') AND ended_at < $1 LIMIT $2) s"
+                .to_owned(),
         },
-        Policy {
-            name: "operator_requests",
-            what: "operator requests' Idempotency-Keys and stored answers",
-            keep: keep.operator_request_retention.0,
-            delete: "WITH doomed AS (
-                         SELECT idempotency_key FROM operator_requests WHERE created_at < $1
-                         ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED
-                     ), gone AS (
-                         DELETE FROM operator_requests WHERE idempotency_key IN (SELECT idempotency_key FROM doomed)
-                         RETURNING 1
-                     )
-                     SELECT count(*) FROM gone",
-            tables: &["operator_requests"],
-            eligible: "SELECT count(*) FROM (SELECT 1 FROM operator_requests WHERE created_at < $1 LIMIT $2) s",
-        },
-        Policy {
-            name: "dead_letter_replays",
-            what: "records of dead letters replayed (who, when, why)",
-            keep: keep.dead_letter_replay_retention.0,
-            delete: "WITH doomed AS (
-                         SELECT id FROM dead_letter_replays WHERE replayed_at < $1
-                         ORDER BY replayed_at LIMIT $2 FOR UPDATE SKIP LOCKED
-                     ), gone AS (
-                         DELETE FROM dead_letter_replays WHERE id IN (SELECT id FROM doomed) RETURNING 1
-                     )
-                     SELECT count(*) FROM gone",
-            tables: &["dead_letter_replays"],
-            eligible: "SELECT count(*) FROM (SELECT 1 FROM dead_letter_replays WHERE replayed_at < $1 LIMIT $2) s",
-        },
+        Policy::one_table(
+            "operator_requests",
+            "operator requests' Idempotency-Keys and stored answers",
+            keep.operator_request_retention.0,
+            &["operator_requests"],
+            "idempotency_key",
+            "created_at",
+        ),
+        Policy::one_table(
+            "dead_letter_replays",
+            "records of dead letters replayed (who, when, why)",
+            keep.dead_letter_replay_retention.0,
+            &["dead_letter_replays"],
+            "id",
+            "replayed_at",
+        ),
     ]
 }

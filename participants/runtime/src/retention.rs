@@ -68,10 +68,40 @@ pub struct Policy {
     pub keep: Option<Duration>,
     /// Deletes at most `$2` rows older than `$1` (a timestamptz) and returns one row of bigint
     /// counts, one per table of `tables`, the main table first.
-    pub delete: &'static str,
+    pub delete: String,
     pub tables: &'static [&'static str],
     /// Counts the rows of the main table past their age now, up to `$2` (for people).
-    pub eligible: &'static str,
+    pub eligible: String,
+}
+
+impl Policy {
+    /// A policy over one table: rows whose `time` column is older than the age go, oldest first,
+    /// identified by `key` (a unique column, or `ctid`).
+    pub fn one_table(
+        name: &'static str,
+        what: &'static str,
+        keep: Option<Duration>,
+        table: &'static [&'static str],
+        key: &str,
+        time: &str,
+    ) -> Self {
+        let main = table[0];
+        Self {
+            name,
+            what,
+            keep,
+            delete: format!(
+                "WITH doomed AS (
+                     SELECT {key} FROM {main} WHERE {time} < $1 ORDER BY {time} LIMIT $2 FOR UPDATE SKIP LOCKED
+                 ), gone AS (
+                     DELETE FROM {main} WHERE {key} IN (SELECT {key} FROM doomed) RETURNING 1
+                 )
+                 SELECT count(*) FROM gone"
+            ),
+            tables: table,
+            eligible: format!("SELECT count(*) FROM (SELECT 1 FROM {main} WHERE {time} < $1 LIMIT $2) s"),
+        }
+    }
 }
 
 /// What retention has done since the process started, for the API.
@@ -107,7 +137,7 @@ pub async fn delete_batch(
     let mut tx = pool.begin().await?;
     // The append-only triggers let retention, and only retention, delete.
     sqlx::query("SET LOCAL saga.retention = 'on'").execute(&mut *tx).await?;
-    let row = sqlx::query(policy.delete).bind(cutoff).bind(limit).fetch_one(&mut *tx).await?;
+    let row = sqlx::query(&policy.delete).bind(cutoff).bind(limit).fetch_one(&mut *tx).await?;
     tx.commit().await?;
     let mut counts = Vec::with_capacity(policy.tables.len());
     for (i, table) in policy.tables.iter().enumerate() {
@@ -210,7 +240,7 @@ pub async fn describe(pool: &PgPool, policy: &Policy, status: &Status, cap: i64)
     let eligible: Option<i64> = match policy.keep {
         Some(keep) => {
             let cutoff = Utc::now() - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
-            Some(sqlx::query_scalar(policy.eligible).bind(cutoff).bind(cap + 1).fetch_one(pool).await?)
+            Some(sqlx::query_scalar(&policy.eligible).bind(cutoff).bind(cap + 1).fetch_one(pool).await?)
         }
         None => None,
     };
@@ -230,19 +260,14 @@ pub async fn describe(pool: &PgPool, policy: &Policy, status: &Status, cap: i64)
 
 /// The participants' dedupe records: one row per finished `(saga, step, kind)`.
 pub fn dedupe_policy(keep: Option<Duration>) -> Policy {
-    Policy {
-        name: "processed_commands",
-        what: "dedupe records of handled commands (a redelivered command older than this would act again)",
+    Policy::one_table(
+        "processed_commands",
+        "dedupe records of handled commands (a redelivered command older than this would act again)",
         keep,
-        delete: "WITH doomed AS (
-                     SELECT ctid FROM processed_commands WHERE processed_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED
-                 ), gone AS (
-                     DELETE FROM processed_commands WHERE ctid IN (SELECT ctid FROM doomed) RETURNING 1
-                 )
-                 SELECT count(*) FROM gone",
-        tables: &["processed_commands"],
-        eligible: "SELECT count(*) FROM (SELECT 1 FROM processed_commands WHERE processed_at < $1 LIMIT $2) s",
-    }
+        &["processed_commands"],
+        "ctid",
+        "processed_at",
+    )
 }
 
 #[cfg(test)]

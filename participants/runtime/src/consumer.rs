@@ -145,6 +145,19 @@ pub async fn run(
                 Err(error) => tracing::warn!(%error, "consumer error"),
             }
         }
+        // A topic that must wait now may have been fetched while this consumer waited for
+        // messages, just before its pause: its records are not applied but fetched again after
+        // the resume (their partitions are sought back to the first of them).
+        let waiting = handler.paused_topics().await;
+        if !waiting.is_empty() && records.iter().any(|r| waiting.contains(&r.topic)) {
+            pauses.apply(consumer, waiting.clone());
+            let (held, kept): (Vec<Record>, Vec<Record>) =
+                records.into_iter().partition(|r| waiting.contains(&r.topic));
+            records = kept;
+            if !hold_back(consumer, &held) {
+                records.extend(held);
+            }
+        }
         if records.is_empty() {
             continue;
         }
@@ -163,6 +176,25 @@ pub async fn run(
         // Nothing to commit is reported as an error too.
         tracing::debug!(%error, "final offset commit");
     }
+}
+
+/// Seeks the partitions of `held` back to their first record, so that they are fetched again.
+/// False if a seek failed (the caller then applies them now; a record fetched twice is
+/// deduplicated like any redelivery).
+fn hold_back(consumer: &crate::kafka::GroupConsumer, held: &[Record]) -> bool {
+    let mut first: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for record in held {
+        let entry = first.entry((record.topic.as_str(), record.partition)).or_insert(record.offset);
+        *entry = (*entry).min(record.offset);
+    }
+    for ((topic, partition), offset) in first {
+        if let Err(error) = consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(1)) {
+            tracing::warn!(%error, topic, partition, offset, "cannot seek back a paused partition; applying its records now");
+            return false;
+        }
+        tracing::info!(topic, partition, offset, "records of a paused topic held back until it resumes");
+    }
+    true
 }
 
 /// The partitions this consumer paused, and the assignment they were paused under.

@@ -196,6 +196,32 @@ struct Row {
     dwell: f64,
 }
 
+/// The Kafka record of an outbox message: its key, the `message-type` and `schema-version`
+/// headers when it has a type, its extra headers in order, and its payload.
+fn record<'a>(
+    topic: &'a str,
+    key: &'a str,
+    message_type: Option<&'a str>,
+    extra: &'a [(String, String)],
+    payload: Option<&'a [u8]>,
+    schema_version: &'a str,
+) -> FutureRecord<'a, str, [u8]> {
+    let mut headers = OwnedHeaders::new_with_capacity(2 + extra.len());
+    if let Some(message_type) = message_type {
+        headers = headers
+            .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(message_type) })
+            .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version) });
+    }
+    for (name, value) in extra {
+        headers = headers.insert(Header { key: name, value: Some(value.as_str()) });
+    }
+    let mut record = FutureRecord::to(topic).key(key).headers(headers);
+    if let Some(payload) = payload {
+        record = record.payload(payload);
+    }
+    record
+}
+
 /// Publishes one batch. Returns how many messages were published.
 pub async fn publish_batch(
     pool: &PgPool,
@@ -227,20 +253,9 @@ pub async fn publish_batch(
         dwell.record(row.dwell);
     }
     let sends = rows.iter().map(|row| {
-        let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len());
-        if let Some(message_type) = &row.message_type {
-            headers = headers
-                .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(message_type.as_str()) })
-                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version.as_str()) });
-        }
-        for (name, value) in row.headers.iter() {
-            headers = headers.insert(Header { key: name, value: Some(value.as_str()) });
-        }
         let payload: Option<&[u8]> = row.raw_payload.as_deref().or(row.payload.as_deref().map(str::as_bytes));
-        let mut record = FutureRecord::<str, [u8]>::to(&row.topic).key(&row.message_key).headers(headers);
-        if let Some(payload) = payload {
-            record = record.payload(payload);
-        }
+        let record =
+            record(&row.topic, &row.message_key, row.message_type.as_deref(), &row.headers, payload, &schema_version);
         producer.send(record, Duration::from_secs(30))
     });
     for result in futures::future::join_all(sends).await {
@@ -386,19 +401,14 @@ async fn publish_handed_off(
     crate::faults::crash_point!("outbox.before_publish");
     let mut deliveries = Vec::with_capacity(encoded.len());
     for (_, message, payload) in &encoded {
-        let mut headers = OwnedHeaders::new_with_capacity(2 + message.headers.len());
-        if let Some(message_type) = message.message_type {
-            headers = headers
-                .insert(Header { key: HEADER_MESSAGE_TYPE, value: Some(message_type) })
-                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(schema_version.as_str()) });
-        }
-        for (name, value) in &message.headers {
-            headers = headers.insert(Header { key: name, value: Some(value.as_str()) });
-        }
-        let mut record = FutureRecord::<str, [u8]>::to(&message.topic).key(&message.key).headers(headers);
-        if let Some(payload) = payload {
-            record = record.payload(payload);
-        }
+        let record = record(
+            &message.topic,
+            &message.key,
+            message.message_type,
+            &message.headers,
+            payload.as_deref(),
+            &schema_version,
+        );
         match producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((error, _)) => {

@@ -252,9 +252,11 @@ impl Processed {
                     .bind(&sagas)
                     .fetch_all(&mut *conn)
                     .await?;
+            let wanted: std::collections::HashSet<(uuid::Uuid, &str)> =
+                commands.iter().map(|c| (c.saga_id.as_uuid(), c.step.as_str())).collect();
             for (saga_id, step, kind, sqlx::types::Json(outcome)) in rows {
                 let kind = if kind == StepKind::Compensation.as_str() { "COMPENSATION" } else { "ACTION" };
-                if commands.iter().any(|c| c.saga_id.as_uuid() == saga_id && c.step.as_str() == step) {
+                if wanted.contains(&(saga_id, step.as_str())) {
                     known.insert((saga_id, step, kind), outcome);
                 }
             }

@@ -54,6 +54,10 @@ pub fn parse_keep(text: &str) -> Result<Keep, String> {
     if keep.is_zero() {
         return Err("a retention of 0 would delete rows as they are written; use `off` to keep them forever".into());
     }
+    // Beyond this, "now minus the age" leaves the calendar the database and chrono can hold.
+    if keep > Duration::from_secs(100 * 365 * 86_400) {
+        return Err("a retention above 100 years is not supported; use `off` to keep rows forever".into());
+    }
     Ok(Keep(Some(keep)))
 }
 
@@ -279,6 +283,7 @@ mod tests {
         assert_eq!(parse_keep("30d").unwrap(), Keep(Some(Duration::from_secs(30 * 86_400))));
         assert_eq!(parse_keep(" OFF ").unwrap(), Keep(None));
         assert!(parse_keep("0s").is_err());
+        assert!(parse_keep("1000000years").is_err());
         assert!(parse_keep("soon").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     }

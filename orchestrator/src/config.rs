@@ -28,6 +28,14 @@ pub(crate) struct Config {
     /// Most due sagas the timer loop handles in one transaction.
     #[arg(long, env = "TIMER_BATCH_SIZE", default_value_t = 200, global = true)]
     pub(crate) timer_batch_size: i64,
+    /// How often ended sagas are counted into the stats rollup behind `GET /api/v1/sagas/stats`
+    /// (milliseconds; ADR 20). Until counted they are counted live, so this is cost, not accuracy.
+    #[arg(long, env = "STATS_ROLLUP_INTERVAL_MS", default_value = "1000", value_parser = parse_millis, global = true)]
+    pub(crate) stats_rollup_interval: Duration,
+    /// Most ended sagas counted into the stats rollup in one transaction.
+    #[arg(long, env = "STATS_ROLLUP_BATCH_SIZE", default_value_t = 5000,
+          value_parser = clap::value_parser!(i64).range(1..=1_000_000), global = true)]
+    pub(crate) stats_rollup_batch_size: i64,
     /// The bound of sagas in flight (RUNNING or COMPENSATING) per saga type: a default, then
     /// overrides, e.g. `500,order-fulfilment=2000`. At the bound, start requests wait in Kafka and
     /// `POST /api/v1/sagas` answers 429.

@@ -8,6 +8,7 @@ mod http;
 mod inbound;
 mod metrics;
 mod retention;
+mod stats;
 mod store;
 mod timers;
 mod writes;
@@ -102,6 +103,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     }
     telemetry::serve_metrics(config.metrics_addr)?;
     crate::metrics::describe();
+    stats::describe();
     crate::metrics::register_saga_types(registry.all().map(|d| d.name.to_string()));
     for definition in registry.all() {
         tracing::info!(saga_type = %definition.name, version = definition.version, steps = definition.steps.len(), "loaded saga definition");
@@ -166,6 +168,10 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
             Duration::from_secs(5),
             shutdown.clone(),
         ),
+    );
+    supervisor.spawn(
+        "stats-rollup",
+        stats::run(pool.clone(), config.stats_rollup_interval, config.stats_rollup_batch_size, shutdown.clone()),
     );
     let retention_status = saga_runtime::retention::SharedStatus::default();
     let retention_policies = retention::policies(&config.keep);

@@ -50,6 +50,20 @@ pub(crate) fn policies(keep: &Keep) -> Vec<Policy> {
                        WHERE status IN ('COMPLETED', 'FAILED') AND ended_at < $1 LIMIT $2) s"
                 .to_owned(),
         },
+        Policy {
+            name: "saga_stats",
+            what: "the stats rollup's counts of sagas created more than SAGA_RETENTION ago",
+            keep: keep.saga_retention.0,
+            delete: "WITH doomed AS (
+                         SELECT ctid FROM saga_stats WHERE bucket < $1 ORDER BY bucket LIMIT $2 FOR UPDATE SKIP LOCKED
+                     ), gone AS (
+                         DELETE FROM saga_stats WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed)) RETURNING 1
+                     )
+                     SELECT count(*) FROM gone"
+                .to_owned(),
+            tables: &["saga_stats"],
+            eligible: "SELECT count(*) FROM (SELECT 1 FROM saga_stats WHERE bucket < $1 LIMIT $2) s".to_owned(),
+        },
         Policy::one_table(
             "operator_requests",
             "operator requests' Idempotency-Keys and stored answers",

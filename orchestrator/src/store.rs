@@ -502,8 +502,22 @@ pub(crate) struct Position {
     pub(crate) id: Uuid,
 }
 
+/// Which of a failed-step (or, without one, failure-code) filter's two columns a query reads:
+/// both (`failure_… = x OR attention_… = x`), or one side each, so that each side is read in order
+/// from its own index instead of sorting every match (ADR 20).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Both,
+    Failure,
+    Attention,
+}
+
 /// Appends the WHERE clause of `filter` to `query`.
 fn push_filter(query: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter) {
+    push_filter_side(query, filter, Side::Both)
+}
+
+fn push_filter_side(query: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter, side: Side) {
     query.push(" WHERE TRUE");
     if !filter.statuses.is_empty() {
         query.push(" AND status = ANY(").push_bind(filter.statuses.clone()).push(")");
@@ -515,13 +529,26 @@ fn push_filter(query: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter) {
     };
     eq("saga_type", &filter.saga_type);
     eq("business_key", &filter.business_key);
-    if let Some(step) = &filter.failed_step {
-        query.push(" AND (failure_step = ").push_bind(step.clone());
-        query.push(" OR attention_step = ").push_bind(step.clone()).push(")");
-    }
-    if let Some(code) = &filter.failure_code {
-        query.push(" AND (failure_code = ").push_bind(code.clone());
-        query.push(" OR attention_code = ").push_bind(code.clone()).push(")");
+    // The side split applies to the step when there is one, else to the code.
+    let mut split = side;
+    for (value, failure, attention) in [
+        (&filter.failed_step, "failure_step", "attention_step"),
+        (&filter.failure_code, "failure_code", "attention_code"),
+    ] {
+        let Some(value) = value else { continue };
+        match std::mem::replace(&mut split, Side::Both) {
+            Side::Both => {
+                query.push(format_args!(" AND ({failure} = ")).push_bind(value.clone());
+                query.push(format_args!(" OR {attention} = ")).push_bind(value.clone()).push(")");
+            }
+            Side::Failure => {
+                query.push(format_args!(" AND {failure} = ")).push_bind(value.clone());
+            }
+            Side::Attention => {
+                query.push(format_args!(" AND {attention} = ")).push_bind(value.clone());
+                query.push(format_args!(" AND {failure} IS DISTINCT FROM ")).push_bind(value.clone());
+            }
+        }
     }
     if filter.unfinished_since.is_some() || filter.overdue_since.is_some() {
         query.push(" AND status IN ('RUNNING', 'COMPENSATING')");
@@ -540,6 +567,40 @@ fn push_filter(query: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter) {
     }
 }
 
+/// The query of one page of sagas matching the filter, newest first, after `after` if given.
+fn list_query<'a>(
+    prefix: &str,
+    filter: &'a ListFilter,
+    after: Option<Position>,
+    limit: i64,
+) -> QueryBuilder<'a, Postgres> {
+    let page = |query: &mut QueryBuilder<'a, Postgres>, side: Side| {
+        query.push(format_args!("SELECT {SAGA_COLUMNS} FROM saga_instances"));
+        push_filter_side(query, filter, side);
+        if let Some(after) = after {
+            query
+                .push(" AND (created_at, id) < (")
+                .push_bind(after.created_at)
+                .push(", ")
+                .push_bind(after.id)
+                .push(")");
+        }
+        query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
+    };
+    let mut query = QueryBuilder::new(prefix);
+    if filter.failed_step.is_some() || filter.failure_code.is_some() {
+        // `a = x OR b = x` would read every match to sort them: a page of each side, merged.
+        query.push(format_args!("SELECT {SAGA_COLUMNS} FROM (("));
+        page(&mut query, Side::Failure);
+        query.push(") UNION ALL (");
+        page(&mut query, Side::Attention);
+        query.push(")) sides ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
+    } else {
+        page(&mut query, Side::Both);
+    }
+    query
+}
+
 /// One page of sagas matching the filter, newest first, after `after` if given.
 pub(crate) async fn list(
     conn: &mut PgConnection,
@@ -547,22 +608,13 @@ pub(crate) async fn list(
     after: Option<Position>,
     limit: i64,
 ) -> sqlx::Result<Vec<SagaRow>> {
-    let mut query = QueryBuilder::new(format!("SELECT {SAGA_COLUMNS} FROM saga_instances"));
-    push_filter(&mut query, filter);
-    if let Some(after) = after {
-        query.push(" AND (created_at, id) < (").push_bind(after.created_at).push(", ").push_bind(after.id).push(")");
-    }
-    query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
-    query.build_query_as().fetch_all(conn).await
+    list_query("", filter, after, limit).build_query_as().fetch_all(conn).await
 }
 
 /// The plan Postgres chooses for a page of `filter` (for the query-plan test and docs).
 #[cfg(test)]
 pub(crate) async fn explain_list(conn: &mut PgConnection, filter: &ListFilter, limit: i64) -> sqlx::Result<String> {
-    let mut query = QueryBuilder::new(format!("EXPLAIN SELECT {SAGA_COLUMNS} FROM saga_instances"));
-    push_filter(&mut query, filter);
-    query.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(limit);
-    let lines: Vec<String> = query.build_query_scalar().fetch_all(conn).await?;
+    let lines: Vec<String> = list_query("EXPLAIN ", filter, None, limit).build_query_scalar().fetch_all(conn).await?;
     Ok(lines.join("\n"))
 }
 
@@ -576,63 +628,6 @@ pub(crate) async fn lock_matching(
     push_filter(&mut query, filter);
     query.push(" ORDER BY created_at, id LIMIT ").push_bind(limit).push(" FOR UPDATE");
     query.build_query_as().fetch_all(conn).await
-}
-
-/// Saga counts and durations over sagas created in [from, to).
-#[derive(Debug, Clone)]
-pub(crate) struct Stats {
-    pub(crate) by_status: Vec<(String, i64)>,
-    pub(crate) failures_by_step: Vec<(String, i64)>,
-    pub(crate) failures_by_code: Vec<(String, i64)>,
-    pub(crate) attention_by_step: Vec<(String, i64)>,
-    /// p50, p95, p99 of completed sagas' durations, in seconds.
-    pub(crate) completed_seconds: Option<[f64; 3]>,
-}
-
-pub(crate) async fn stats(
-    conn: &mut PgConnection,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    saga_type: Option<&str>,
-) -> sqlx::Result<Stats> {
-    const WINDOW: &str = "created_at >= $1 AND created_at < $2 AND ($3::text IS NULL OR saga_type = $3)";
-    let grouped = |column: &str, statuses: &str| {
-        format!(
-            "SELECT {column}, count(*) FROM saga_instances WHERE {WINDOW} AND {column} IS NOT NULL {statuses}
-             GROUP BY 1 ORDER BY 2 DESC, 1"
-        )
-    };
-    let failed = "AND status IN ('FAILED', 'NEEDS_ATTENTION', 'COMPENSATING')";
-    let mut counts = Vec::with_capacity(4);
-    for sql in [
-        grouped("status", ""),
-        grouped("failure_step", failed),
-        grouped("failure_code", failed),
-        grouped("attention_step", "AND status = 'NEEDS_ATTENTION'"),
-    ] {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as(&sql).bind(from).bind(to).bind(saga_type).fetch_all(&mut *conn).await?;
-        counts.push(rows);
-    }
-    let [by_status, failures_by_step, failures_by_code, attention_by_step]: [Vec<(String, i64)>; 4] =
-        counts.try_into().expect("four queries");
-    let percentiles: Option<Vec<f64>> = sqlx::query_scalar(&format!(
-        "SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
-             (ORDER BY EXTRACT(EPOCH FROM ended_at - created_at)::float8)
-         FROM saga_instances WHERE {WINDOW} AND status = 'COMPLETED'"
-    ))
-    .bind(from)
-    .bind(to)
-    .bind(saga_type)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Stats {
-        by_status,
-        failures_by_step,
-        failures_by_code,
-        attention_by_step,
-        completed_seconds: percentiles.and_then(|p| p.try_into().ok()),
-    })
 }
 
 /// One entry of the operator audit log: who did what to which saga, why, and what it changed.
@@ -753,28 +748,49 @@ pub(crate) async fn store_response(
     Ok(())
 }
 
+/// Scratch databases with the orchestrator's schema, on the real Postgres (`TEST_POSTGRES_URL`,
+/// default the local server), for tests of its SQL.
+#[cfg(test)]
+pub(crate) mod scratch {
+    use sqlx::{Connection, Executor, PgConnection};
+    use uuid::Uuid;
+
+    fn base() -> String {
+        std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    }
+
+    /// A new database with every migration applied: a connection to it, and its name.
+    pub(crate) async fn database(purpose: &str) -> (PgConnection, String) {
+        let name = format!("sagatest_{purpose}_{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&format!("{}/postgres", base())).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
+        sqlx::migrate!("../migrations/orchestrator").run(&mut conn).await.unwrap();
+        (conn, name)
+    }
+
+    pub(crate) fn url(name: &str) -> String {
+        format!("{}/{name}", base())
+    }
+
+    pub(crate) async fn drop(name: &str) {
+        let mut admin = PgConnection::connect(&format!("{}/postgres", base())).await.unwrap();
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+}
+
 /// Against the real Postgres (`TEST_POSTGRES_URL`, default the local server): every filter of
 /// the saga list is served by an index, on a table large enough for the planner to care.
 /// `WRITE_QUERY_PLANS=docs/query-plans.md` also writes the plans down.
 #[cfg(test)]
 mod plan_tests {
-    use sqlx::{Connection, Executor};
+    use sqlx::Executor;
 
     use super::*;
 
-    async fn scratch_database() -> (PgConnection, String) {
-        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let name = format!("sagatest_plans_{}", &Uuid::new_v4().simple().to_string()[..10]);
-        let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.expect("Postgres is running");
-        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
-        let mut conn = PgConnection::connect(&format!("{base}/{name}")).await.unwrap();
-        sqlx::migrate!("../migrations/orchestrator").run(&mut conn).await.unwrap();
-        (conn, name)
-    }
-
     #[tokio::test]
     async fn every_list_filter_is_served_by_an_index() {
-        let (mut conn, name) = scratch_database().await;
+        let (mut conn, name) = scratch::database("plans").await;
         // 50,000 sagas over 50 days: mostly completed, some failed at various steps, a few in flight.
         conn.execute(
             "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash,
@@ -813,6 +829,14 @@ mod plan_tests {
             ("saga_type=refund", one(|f| f.saga_type = Some("refund".into()))),
             ("failed_step=charge_payment", one(|f| f.failed_step = Some("charge_payment".into()))),
             ("failure_code=PAYMENT_DECLINED", one(|f| f.failure_code = Some("PAYMENT_DECLINED".into()))),
+            (
+                "status=FAILED&failed_step=charge_payment",
+                ListFilter {
+                    statuses: vec!["FAILED".into()],
+                    failed_step: Some("charge_payment".into()),
+                    ..ListFilter::default()
+                },
+            ),
             ("business_key=order:4242", one(|f| f.business_key = Some("order:4242".into()))),
             ("created_after (last day)", ListFilter { created_after: Some(now - day), ..ListFilter::default() }),
             (
@@ -859,9 +883,7 @@ mod plan_tests {
             std::fs::write(path, doc).unwrap();
         }
         drop(conn);
-        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let mut admin = PgConnection::connect(&format!("{base}/postgres")).await.unwrap();
-        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+        scratch::drop(&name).await;
         assert!(failures.is_empty(), "filters not served by an index:\n{}", failures.join("\n\n"));
     }
 }

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 pub mod bench;
 pub mod faults;
+pub mod scale;
 
 pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
 

@@ -547,7 +547,7 @@ pub(crate) async fn stats(
     };
     // `from` at or past `to` is an empty window: every count is 0.
     let mut conn = state.pool.acquire().await?;
-    let stats = store::stats(&mut conn, from, to, p.saga_type.as_deref()).await?;
+    let stats = crate::stats::window(&mut conn, from, to, p.saga_type.as_deref()).await?;
     let count =
         |status: SagaStatus| stats.by_status.iter().find(|(s, _)| s == status.as_str()).map(|(_, n)| *n).unwrap_or(0);
     let ended = count(SagaStatus::Completed) + count(SagaStatus::Failed) + count(SagaStatus::NeedsAttention);

@@ -19,6 +19,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use saga_e2e::bench::{self, Buckets, PgCounters, Usage, Watched};
 use saga_e2e::faults::{self, Kind};
+use saga_e2e::scale;
 use saga_e2e::{Options, System, SERVICES};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -64,6 +65,21 @@ struct Args {
     /// check that they all resume.
     #[arg(long)]
     kill_at: Option<usize>,
+    /// Instead of the search: measure at --at (default 400) orders/s for --seconds on the empty
+    /// tables, then fill the orchestrator's tables with this many finished sagas and measure
+    /// again; the API's on-call queries are timed throughout (see docs/performance.md).
+    #[arg(long)]
+    preload: Option<i64>,
+    /// The rate (sagas/s) the preloaded sagas were created at, ending now: it sets how many fall
+    /// in the stats' windows (400/s: 10 million over the last 7 hours).
+    #[arg(long, default_value_t = 400.0)]
+    preload_rate: f64,
+    /// Sagas per transaction while preloading.
+    #[arg(long, default_value_t = 20_000)]
+    preload_chunk: i64,
+    /// Rounds of the on-call queries sent one after another on an idle system, per table size.
+    #[arg(long, default_value_t = 30)]
+    query_rounds: usize,
 }
 
 /// Everything counted at one moment.
@@ -295,6 +311,50 @@ impl Bench {
         }))
     }
 
+    /// `run`, while the on-call queries go to the API one after another, timed.
+    async fn run_with_queries(
+        &self,
+        label: &str,
+        rate: f64,
+        seconds: f64,
+    ) -> anyhow::Result<(Value, scale::Latencies)> {
+        let (ids, orders) = scale::sample_keys(&self.pool, 200).await?;
+        let base = self.system.url("orchestrator", "");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let running = async {
+            let run = self.run(label, rate, seconds).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            run
+        };
+        let querying = async {
+            let mut latencies = scale::Latencies::default();
+            let mut round = 0;
+            // A round a second: a few dashboards and an engineer, not a load test of the API.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let next = tokio::time::Instant::now() + Duration::from_secs(1);
+                let queries = scale::on_call_queries(Utc::now(), &ids, &orders, round);
+                latencies.round(&self.system.http, &base, &queries).await;
+                round += 1;
+                tokio::time::sleep_until(next).await;
+            }
+            latencies
+        };
+        let (run, latencies) = tokio::join!(running, querying);
+        Ok((run?, latencies))
+    }
+
+    /// The on-call queries on an otherwise idle system, `rounds` times each.
+    async fn idle_queries(&self, rounds: usize) -> anyhow::Result<scale::Latencies> {
+        let (ids, orders) = scale::sample_keys(&self.pool, 200).await?;
+        let base = self.system.url("orchestrator", "");
+        let mut latencies = scale::Latencies::default();
+        for round in 0..rounds {
+            let queries = scale::on_call_queries(Utc::now(), &ids, &orders, round);
+            latencies.round(&self.system.http, &base, &queries).await;
+        }
+        Ok(latencies)
+    }
+
     /// Waits until every saga of `ids` has ended; how long after the call.
     async fn drain(&self, ids: &[Uuid]) -> anyhow::Result<Duration> {
         let started = Instant::now();
@@ -453,6 +513,9 @@ async fn main() -> anyhow::Result<()> {
     );
     // A short warm-up: connections, topics' leaders, the JIT of the broker.
     bench.run("warm-up", 50.0, 5.0).await?;
+    if let Some(count) = args.preload {
+        return scale(&args, bench, count).await;
+    }
 
     let mut runs = Vec::new();
     println!("{HEADER}");
@@ -526,6 +589,96 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    println!("report: {}", args.json.display());
+    bench.system.stop().await?;
+    Ok(())
+}
+
+/// The scale measurement: throughput and the on-call queries' latencies on the (nearly) empty
+/// tables, then again with `count` finished sagas in them.
+async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
+    let rate = args.at.unwrap_or(400.0);
+    let mut report = Vec::new();
+    for (label, preload) in [("empty tables", 0), ("preloaded", count)] {
+        if preload > 0 {
+            println!("preloading {preload} finished sagas (created {:.0}/s, ending now)", args.preload_rate);
+            let took = scale::preload(&bench.pool, preload, args.preload_rate, Utc::now(), args.preload_chunk).await?;
+            // What autovacuum does to an insert-only table by the time it holds this much.
+            let vacuum = Instant::now();
+            sqlx::raw_sql("VACUUM (ANALYZE) saga_instances, saga_step_attempts, saga_history")
+                .execute(&bench.pool)
+                .await?;
+            // The orchestrator counts the preloaded sagas into the stats rollup (ADR 20).
+            let rollup = Instant::now();
+            loop {
+                let pending: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM saga_stats_pending").fetch_one(&bench.pool).await?;
+                if pending == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            println!(
+                "preloaded in {:.0} s, vacuumed in {:.0} s, rolled up in {:.0} s; sizes: {}",
+                took.as_secs_f64(),
+                vacuum.elapsed().as_secs_f64(),
+                rollup.elapsed().as_secs_f64(),
+                scale::table_sizes(&bench.pool)
+                    .await?
+                    .iter()
+                    .map(|(table, bytes)| format!("{table} {:.2} GB", *bytes as f64 / 1e9))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let idle_before = bench.idle_queries(args.query_rounds).await?;
+        println!("{HEADER}");
+        let (run, during) = bench.run_with_queries(label, rate, args.seconds).await?;
+        println!("{}", line(&run));
+        let finished: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE ended_at IS NOT NULL")
+            .fetch_one(&bench.pool)
+            .await?;
+        let (idle, during) = (idle_before.summary(), during.summary());
+        println!("{label}: {finished} finished sagas in the table");
+        println!(
+            "{:<32} {:>9} {:>9} {:>9} | under load {:>6} {:>9} {:>9}",
+            "query (ms)", "idle p50", "p99", "max", "n", "p50", "p99"
+        );
+        for (name, q) in idle["queries"].as_object().into_iter().flatten() {
+            let l = &during["queries"][name];
+            let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+            println!(
+                "{name:<32} {:>9} {:>9} {:>9} | {:>17} {:>9} {:>9}",
+                f(&q["p50_ms"]),
+                f(&q["p99_ms"]),
+                f(&q["max_ms"]),
+                l["count"],
+                f(&l["p50_ms"]),
+                f(&l["p99_ms"])
+            );
+        }
+        for errors in [&idle["errors"], &during["errors"]] {
+            if errors.as_array().is_some_and(|e| !e.is_empty()) {
+                println!("answers other than 200: {errors}");
+            }
+        }
+        report.push(json!({"label": label, "finished_sagas": finished, "run": run, "queries_idle": idle, "queries_under_load": during}));
+    }
+    let ended = |i: usize| {
+        report[i]["run"]["completed_per_s"].as_f64().unwrap_or(0.0)
+            + report[i]["run"]["failed_per_s"].as_f64().unwrap_or(0.0)
+    };
+    println!(
+        "ended/s: {:.1} on empty tables, {:.1} with {count} finished sagas: {:.0} %",
+        ended(0),
+        ended(1),
+        100.0 * ended(1) / ended(0).max(1e-9)
+    );
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let out = json!({"at": Utc::now(), "machine": machine(), "git": git_revision(), "args": format!("{args:?}"), "scale": report});
+    std::fs::write(&args.json, serde_json::to_string_pretty(&out)?)?;
     println!("report: {}", args.json.display());
     bench.system.stop().await?;
     Ok(())

@@ -1,20 +1,28 @@
 -- Saga stats that stay fast at millions of sagas (ADR 20). COMPLETED and FAILED never change
--- again, so each such saga is counted once into `saga_stats`, by the minute and by the hour of
--- its creation, with its outcome and (for COMPLETED) its duration's bin; `GET /api/v1/sagas/stats`
+-- again, so each such saga is counted once into `saga_stats`, by the ten seconds, the minute and
+-- the hour of its creation, with its outcome and (for COMPLETED) its duration's bin; `GET /api/v1/sagas/stats`
 -- adds those counts to a live count of the sagas not rolled up yet (in flight, needing attention,
--- just ended, or in the part-minutes at the window's edges).
+-- just ended, or in the part-spans under ten seconds at the window's edges).
 
 -- Sagas that ended and are not counted in `saga_stats` yet. Filled by the triggers below in the
 -- transaction that ends the saga; emptied by the orchestrator's rollup task in the transaction
 -- that counts it, so each saga is counted exactly once.
 CREATE TABLE saga_stats_pending (
-    saga_id UUID PRIMARY KEY
+    saga_id    UUID        PRIMARY KEY,
+    -- The saga's, so that a window's stats find the queued sagas of its range by index.
+    created_at TIMESTAMPTZ NOT NULL
 );
+CREATE INDEX saga_stats_pending_created ON saga_stats_pending (created_at);
+-- A queue: every row is deleted within seconds. Vacuumed often and without a cost delay, so that
+-- dead rows do not pile up in front of the rollup's and the stats' scans.
+ALTER TABLE saga_stats_pending SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+    autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 5000,
+    autovacuum_vacuum_cost_delay = 0);
 
 CREATE TABLE saga_stats (
-    -- 'minute' or 'hour': the same sagas are counted at both resolutions.
-    resolution   TEXT        NOT NULL CHECK (resolution IN ('minute', 'hour')),
-    -- The start of the minute or hour (UTC) the sagas were created in.
+    -- '10s', 'minute' or 'hour': the same sagas are counted at each resolution.
+    resolution   TEXT        NOT NULL CHECK (resolution IN ('10s', 'minute', 'hour')),
+    -- The start of the ten seconds, minute or hour (UTC) the sagas were created in.
     bucket       TIMESTAMPTZ NOT NULL,
     saga_type    TEXT        NOT NULL,
     status       TEXT        NOT NULL CHECK (status IN ('COMPLETED', 'FAILED')),
@@ -30,7 +38,7 @@ CREATE TABLE saga_stats (
 
 CREATE FUNCTION saga_stats_pend() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO saga_stats_pending (saga_id) VALUES (NEW.id) ON CONFLICT DO NOTHING;
+    INSERT INTO saga_stats_pending (saga_id, created_at) VALUES (NEW.id, NEW.created_at) ON CONFLICT DO NOTHING;
     RETURN NULL;
 END
 $$;
@@ -45,4 +53,5 @@ CREATE TRIGGER saga_stats_pend_on_insert AFTER INSERT ON saga_instances
     EXECUTE FUNCTION saga_stats_pend();
 
 -- The sagas that ended before this migration are counted by the rollup task like the others.
-INSERT INTO saga_stats_pending (saga_id) SELECT id FROM saga_instances WHERE status IN ('COMPLETED', 'FAILED');
+INSERT INTO saga_stats_pending (saga_id, created_at)
+    SELECT id, created_at FROM saga_instances WHERE status IN ('COMPLETED', 'FAILED');

@@ -1,12 +1,13 @@
 //! Saga stats over a window that stay fast at millions of sagas (ADR 20).
 //!
 //! COMPLETED and FAILED sagas never change again. A trigger queues each one as it ends
-//! (`saga_stats_pending`); the rollup task counts the queued sagas into `saga_stats` by the minute
-//! and the hour they were created in, and dequeues them in the same transaction, so each is
-//! counted once. A window's stats are, in one snapshot: the rolled-up counts of the whole hours
-//! and whole minutes inside it, plus a live count of the sagas the rollup cannot have: those in
-//! the part-minutes at the window's edges, those not ended (in flight, needing attention) and
-//! those ended but still queued.
+//! (`saga_stats_pending`); the rollup task counts the queued sagas into `saga_stats` by the hour,
+//! the minute and the ten seconds they were created in, and dequeues them in the same
+//! transaction, so each is counted once. A window's stats are, in one snapshot: the rolled-up
+//! counts of the whole hours inside it, the whole minutes and ten-second spans around them, plus a
+//! live count of the sagas the rollup cannot have: those in the part-spans (under ten seconds) at
+//! the window's edges, those not ended (in flight, needing attention) and those ended but still
+//! queued.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,7 +27,7 @@ pub(crate) async fn roll_up(pool: &PgPool, limit: i64) -> sqlx::Result<i64> {
     let sql = format!(
         "WITH taken AS (
              DELETE FROM saga_stats_pending WHERE saga_id IN (
-                 SELECT saga_id FROM saga_stats_pending LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 SELECT saga_id FROM saga_stats_pending ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING saga_id
          ), ended AS (
              SELECT s.saga_type, s.status, coalesce(s.failure_step, '') AS failure_step,
@@ -39,9 +40,9 @@ pub(crate) async fn roll_up(pool: &PgPool, limit: i64) -> sqlx::Result<i64> {
          ), counted AS (
              INSERT INTO saga_stats (resolution, bucket, saga_type, status, failure_step, failure_code,
                                      duration_bin, sagas)
-             SELECT r.resolution, date_trunc(r.resolution, e.created_at, 'UTC'), e.saga_type, e.status,
-                    e.failure_step, e.failure_code, e.duration_bin, count(*)
-             FROM ended e CROSS JOIN (VALUES ('minute'), ('hour')) AS r(resolution)
+             SELECT r.resolution, to_timestamp(floor(extract(epoch FROM e.created_at) / r.seconds) * r.seconds),
+                    e.saga_type, e.status, e.failure_step, e.failure_code, e.duration_bin, count(*)
+             FROM ended e CROSS JOIN (VALUES ('10s', 10), ('minute', 60), ('hour', 3600)) AS r(resolution, seconds)
              GROUP BY 1, 2, 3, 4, 5, 6, 7
              -- One order of row locks for every replica's rollup: no deadlock between them.
              ORDER BY 1, 2, 3, 4, 5, 6, 7
@@ -85,6 +86,8 @@ pub(crate) const ROLLUP_FAILURES: &str = "saga_stats_rollup_failures_total";
 pub(crate) fn describe() {
     metrics::describe_counter!(ROLLED_UP, "Ended sagas counted into the stats rollup (saga_stats)");
     metrics::describe_counter!(ROLLUP_FAILURES, "Rounds of the stats rollup that failed (retried)");
+    metrics::counter!(ROLLED_UP).increment(0);
+    metrics::counter!(ROLLUP_FAILURES).increment(0);
 }
 
 /// One group of sagas: its status, failure and attention, the bin of its duration (COMPLETED),
@@ -135,12 +138,19 @@ pub(crate) async fn window(
     if from >= to {
         return Ok(Stats::default());
     }
-    let (minute, hour) = (TimeDelta::minutes(1), TimeDelta::hours(1));
-    // [a, b): the whole minutes of the window; [ha, hb): its whole hours.
-    let (a, b) = (ceil(from, minute), floor(to, minute));
-    let (a, b) = if a < b { (a, b) } else { (to, to) };
-    let (ha, hb) = (ceil(a, hour), floor(b, hour));
-    let (ha, hb) = if ha < hb { (ha, hb) } else { (b, b) };
+    // [a, b): the whole ten-second spans of the window; [ma, mb): its whole minutes; [ha, hb): its
+    // whole hours. Each is empty (at the end of the one around it) when there is none.
+    let inward = |from: DateTime<Utc>, to: DateTime<Utc>, unit: TimeDelta| {
+        let (a, b) = (ceil(from, unit), floor(to, unit));
+        if a < b {
+            (a, b)
+        } else {
+            (to, to)
+        }
+    };
+    let (a, b) = inward(from, to, TimeDelta::seconds(10));
+    let (ma, mb) = inward(a, b, TimeDelta::minutes(1));
+    let (ha, hb) = inward(ma, mb, TimeDelta::hours(1));
 
     let mut groups: BTreeMap<Group, i64> = BTreeMap::new();
     let mut add = |rows: Vec<GroupRow>| {
@@ -151,24 +161,28 @@ pub(crate) async fn window(
     };
     let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
-    // What the rollup counted: whole hours, then the whole minutes around them.
+    // What the rollup counted: whole hours, the whole minutes around them, the whole ten-second
+    // spans around those.
     add(sqlx::query_as(
         "SELECT status, nullif(failure_step, ''), nullif(failure_code, ''), NULL::text,
                 nullif(duration_bin, -1), sum(sagas)::int8
          FROM saga_stats
-         WHERE ($5::text IS NULL OR saga_type = $5)
-           AND ((resolution = 'hour' AND bucket >= $3 AND bucket < $4)
-             OR (resolution = 'minute' AND ((bucket >= $1 AND bucket < $3) OR (bucket >= $4 AND bucket < $2))))
+         WHERE ($7::text IS NULL OR saga_type = $7)
+           AND ((resolution = 'hour' AND bucket >= $5 AND bucket < $6)
+             OR (resolution = 'minute' AND ((bucket >= $3 AND bucket < $5) OR (bucket >= $6 AND bucket < $4)))
+             OR (resolution = '10s' AND ((bucket >= $1 AND bucket < $3) OR (bucket >= $4 AND bucket < $2))))
          GROUP BY 1, 2, 3, 4, 5",
     )
     .bind(a)
     .bind(b)
+    .bind(ma)
+    .bind(mb)
     .bind(ha)
     .bind(hb)
     .bind(saga_type)
     .fetch_all(&mut *tx)
     .await?);
-    // What it cannot have: every saga of the part-minutes at the edges; in the whole minutes, the
+    // What it cannot have: every saga of the part-spans at the edges; in the whole spans, the
     // sagas not ended and those ended but not counted yet.
     let columns = format!(
         "status, failure_step, failure_code, attention_step,
@@ -191,7 +205,7 @@ pub(crate) async fn window(
                  AND status = 'NEEDS_ATTENTION'
              UNION ALL
              SELECT {pending_columns} FROM saga_stats_pending p JOIN saga_instances s ON s.id = p.saga_id
-             WHERE {of_type} AND s.created_at >= $3 AND s.created_at < $4 AND s.status IN ('COMPLETED', 'FAILED')
+             WHERE {of_type} AND p.created_at >= $3 AND p.created_at < $4 AND s.status IN ('COMPLETED', 'FAILED')
          ) s GROUP BY 1, 2, 3, 4, 5"
     );
     add(sqlx::query_as(&live).bind(from).bind(to).bind(a).bind(b).bind(saga_type).fetch_all(&mut *tx).await?);
@@ -379,7 +393,7 @@ mod window_tests {
         let (conn, name) = scratch::database("stats").await;
         drop(conn);
         let pool = PgPool::connect(&scratch::url(&name)).await.unwrap();
-        // Not on a minute: every window below has part-minutes at its edges.
+        // Not on ten seconds: every window below has part-spans at its edges.
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT date_trunc('hour', now()) + interval '37 min 12.345 s'")
             .fetch_one(&pool)
             .await
@@ -425,6 +439,8 @@ mod window_tests {
             (top - TimeDelta::hours(3), top),
             (top - TimeDelta::hours(2) - TimeDelta::seconds(30), top - TimeDelta::seconds(1)),
             (floor(now, minute) - TimeDelta::minutes(2), floor(now, minute)),
+            (floor(now, minute) - TimeDelta::seconds(50), floor(now, minute) - TimeDelta::seconds(10)),
+            (now - TimeDelta::seconds(25), now),
             (now - TimeDelta::seconds(90), now - TimeDelta::seconds(70)),
             (now, now - hour),
         ];
@@ -465,16 +481,21 @@ mod window_tests {
         while roll_up(&pool, 1500).await.unwrap() > 0 {}
         check_all("all rolled up again").await;
         // Each ended saga counted once at each resolution.
-        let counts: (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM saga_instances WHERE status IN ('COMPLETED', 'FAILED')),
-                    (SELECT sum(sagas)::int8 FROM saga_stats WHERE resolution = 'minute'),
-                    (SELECT sum(sagas)::int8 FROM saga_stats WHERE resolution = 'hour'),
-                    (SELECT count(*) FROM saga_stats_pending)",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        assert_eq!((counts.1, counts.2, counts.3), (counts.0, counts.0, 0), "{counts:?}");
+        let ended: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE status IN ('COMPLETED', 'FAILED')")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let counted: Vec<(String, i64)> =
+            sqlx::query_as("SELECT resolution, sum(sagas)::int8 FROM saga_stats GROUP BY 1 ORDER BY 1")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let expected: Vec<(String, i64)> = ["10s", "hour", "minute"].map(|r| (r.to_owned(), ended)).into();
+        assert_eq!(counted, expected);
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM saga_stats_pending").fetch_one(&pool).await.unwrap();
+        assert_eq!(pending, 0);
         pool.close().await;
         scratch::drop(&name).await;
     }

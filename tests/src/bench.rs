@@ -98,6 +98,10 @@ impl Watched {
 pub struct PgCounters {
     pub commits: i64,
     pub wal_bytes: i64,
+    /// Full-page images written to the WAL (the first change of a page after a checkpoint).
+    pub wal_fpi: i64,
+    /// Checkpoints, timed and requested.
+    pub checkpoints: i64,
 }
 
 pub async fn pg_counters(pool: &PgPool) -> anyhow::Result<PgCounters> {
@@ -110,7 +114,13 @@ pub async fn pg_counters(pool: &PgPool) -> anyhow::Result<PgCounters> {
         .fetch_one(pool)
         .await
         .context("pg_current_wal_lsn")?;
-    Ok(PgCounters { commits, wal_bytes })
+    let (wal_fpi, checkpoints): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT wal_fpi FROM pg_stat_wal), (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)",
+    )
+    .fetch_one(pool)
+    .await
+    .context("pg_stat_wal")?;
+    Ok(PgCounters { commits, wal_bytes, wal_fpi, checkpoints })
 }
 
 /// Messages on every topic of `prefix`: the sum of the partitions' high watermarks.

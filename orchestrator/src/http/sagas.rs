@@ -488,7 +488,7 @@ pub(crate) struct Count {
     count: i64,
 }
 
-/// Percentiles of completed sagas' durations, in seconds.
+/// Percentiles (nearest rank) of completed sagas' durations, in seconds, within 5 % (ADR 20).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Percentiles {
     p50: f64,

@@ -303,6 +303,8 @@ impl Bench {
             "round_trip_ms": hops.iter().map(|(step, kind, p50, p99)| json!({"step": step, "kind": kind, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
             "commits_per_saga": (after.pg.commits - before.pg.commits) as f64 / sagas,
             "wal_bytes_per_saga": (after.pg.wal_bytes - before.pg.wal_bytes) as f64 / sagas,
+            "wal_full_page_images_per_saga": (after.pg.wal_fpi - before.pg.wal_fpi) as f64 / sagas,
+            "checkpoints": after.pg.checkpoints - before.pg.checkpoints,
             "broker_messages_per_s": (after.broker_messages - before.broker_messages) as f64 / wall,
             "broker_messages_per_saga": (after.broker_messages - before.broker_messages) as f64 / sagas,
             "wall_seconds": wall,
@@ -603,11 +605,6 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
         if preload > 0 {
             println!("preloading {preload} finished sagas (created {:.0}/s, ending now)", args.preload_rate);
             let took = scale::preload(&bench.pool, preload, args.preload_rate, Utc::now(), args.preload_chunk).await?;
-            // What autovacuum does to an insert-only table by the time it holds this much.
-            let vacuum = Instant::now();
-            sqlx::raw_sql("VACUUM (ANALYZE) saga_instances, saga_step_attempts, saga_history")
-                .execute(&bench.pool)
-                .await?;
             // The orchestrator counts the preloaded sagas into the stats rollup (ADR 20).
             let rollup = Instant::now();
             loop {
@@ -618,11 +615,21 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            let rollup = rollup.elapsed();
+            // What autovacuum does by the time the tables hold this much.
+            let vacuum = Instant::now();
+            sqlx::raw_sql(
+                "VACUUM (ANALYZE) saga_instances, saga_step_attempts, saga_history, saga_stats_pending, saga_stats",
+            )
+            .execute(&bench.pool)
+            .await?;
+            // Written out, so that the run does not pay for the load's dirty pages.
+            sqlx::raw_sql("CHECKPOINT").execute(&bench.pool).await?;
             println!(
-                "preloaded in {:.0} s, vacuumed in {:.0} s, rolled up in {:.0} s; sizes: {}",
+                "preloaded in {:.0} s, rolled up {:.0} s later, vacuumed in {:.0} s; sizes: {}",
                 took.as_secs_f64(),
+                rollup.as_secs_f64(),
                 vacuum.elapsed().as_secs_f64(),
-                rollup.elapsed().as_secs_f64(),
                 scale::table_sizes(&bench.pool)
                     .await?
                     .iter()
@@ -635,6 +642,13 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
         println!("{HEADER}");
         let (run, during) = bench.run_with_queries(label, rate, args.seconds).await?;
         println!("{}", line(&run));
+        println!(
+            "WAL full-page images per saga {:.2}, checkpoints {}, orchestrator batch p50 {:.1} ms p99 {:.1} ms",
+            run["wal_full_page_images_per_saga"].as_f64().unwrap_or(0.0),
+            run["checkpoints"],
+            run["orchestrator_batch_ms"]["p50"].as_f64().unwrap_or(0.0),
+            run["orchestrator_batch_ms"]["p99"].as_f64().unwrap_or(0.0),
+        );
         let finished: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE ended_at IS NOT NULL")
             .fetch_one(&bench.pool)
             .await?;

@@ -117,11 +117,7 @@ impl Admission {
     async fn refresh(&self, pool: &PgPool) -> sqlx::Result<()> {
         // Starts counted before this point committed before the query below: it sees them.
         self.started_since.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT saga_type, count(*) FROM saga_instances WHERE status IN ('RUNNING', 'COMPENSATING') GROUP BY saga_type",
-        )
-        .fetch_all(pool)
-        .await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(IN_FLIGHT_BY_TYPE).fetch_all(pool).await?;
         let mut counts = self.counts();
         for count in counts.values_mut() {
             *count = 0;
@@ -154,6 +150,10 @@ impl Admission {
         }
     }
 }
+
+/// Sagas in flight by type: the partial index `saga_instances_unfinished_created` serves it.
+pub(crate) const IN_FLIGHT_BY_TYPE: &str =
+    "SELECT saga_type, count(*) FROM saga_instances WHERE status IN ('RUNNING', 'COMPENSATING') GROUP BY saga_type";
 
 #[cfg(test)]
 mod tests {

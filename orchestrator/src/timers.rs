@@ -82,20 +82,14 @@ pub(crate) async fn sample_gauges(
         if let Some(depth) = start_queue.depth().await {
             gauge!(m::START_REQUESTS_WAITING).set(depth as f64);
         }
-        let counts: sqlx::Result<Vec<(String, i64, Option<f64>)>> = sqlx::query_as(
-            "SELECT s.status, count(i.id), EXTRACT(EPOCH FROM now() - min(i.created_at))::float8
-             FROM (VALUES ('RUNNING'), ('COMPENSATING')) AS s(status)
-             LEFT JOIN saga_instances i ON i.status = s.status
-             GROUP BY s.status",
-        )
-        .fetch_all(&pool)
-        .await;
-        match counts {
+        match store::in_flight_by_status(&pool).await {
             Ok(rows) => {
                 let mut oldest: f64 = 0.0;
-                for (status, count, age) in rows {
+                for status in ["RUNNING", "COMPENSATING"] {
+                    let (count, age) =
+                        rows.iter().find(|(s, _, _)| s == status).map_or((0, 0.0), |(_, n, age)| (*n, *age));
                     gauge!(m::IN_FLIGHT, "status" => status).set(count as f64);
-                    oldest = oldest.max(age.unwrap_or(0.0));
+                    oldest = oldest.max(age);
                 }
                 gauge!(m::OLDEST_IN_FLIGHT).set(oldest);
             }

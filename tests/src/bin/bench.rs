@@ -77,6 +77,11 @@ struct Args {
     /// Sagas per transaction while preloading.
     #[arg(long, default_value_t = 20_000)]
     preload_chunk: i64,
+    /// An experiment: after the preload, only ANALYZE the three saga tables and keep autovacuum
+    /// off them for the run, so that their free-space map stays empty and new rows go to the end
+    /// of the tables (docs/performance.md: where the difference goes).
+    #[arg(long)]
+    preload_without_vacuum: bool,
     /// Rounds of the on-call queries sent one after another on an idle system, per table size.
     #[arg(long, default_value_t = 30)]
     query_rounds: usize,
@@ -604,6 +609,14 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
     for (label, preload) in [("empty tables", 0), ("preloaded", count)] {
         if preload > 0 {
             println!("preloading {preload} finished sagas (created {:.0}/s, ending now)", args.preload_rate);
+            let tables = "saga_instances, saga_step_attempts, saga_history";
+            if args.preload_without_vacuum {
+                for table in tables.split(", ") {
+                    sqlx::raw_sql(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+                        .execute(&bench.pool)
+                        .await?;
+                }
+            }
             let took = scale::preload(&bench.pool, preload, args.preload_rate, Utc::now(), args.preload_chunk).await?;
             // The orchestrator counts the preloaded sagas into the stats rollup (ADR 20).
             let rollup = Instant::now();
@@ -618,11 +631,14 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
             let rollup = rollup.elapsed();
             // What autovacuum does by the time the tables hold this much.
             let vacuum = Instant::now();
-            sqlx::raw_sql(
-                "VACUUM (ANALYZE) saga_instances, saga_step_attempts, saga_history, saga_stats_pending, saga_stats",
-            )
-            .execute(&bench.pool)
-            .await?;
+            if args.preload_without_vacuum {
+                sqlx::raw_sql(&format!("ANALYZE {tables}")).execute(&bench.pool).await?;
+                sqlx::raw_sql("VACUUM (ANALYZE) saga_stats_pending, saga_stats").execute(&bench.pool).await?;
+            } else {
+                sqlx::raw_sql(&format!("VACUUM (ANALYZE) {tables}, saga_stats_pending, saga_stats"))
+                    .execute(&bench.pool)
+                    .await?;
+            }
             // Written out, so that the run does not pay for the load's dirty pages.
             sqlx::raw_sql("CHECKPOINT").execute(&bench.pool).await?;
             println!(

@@ -18,12 +18,26 @@ use sqlx::{PgConnection, PgPool};
 
 /// The bin of a duration in milliseconds: 0 under 1 ms, b >= 1 for [1.1^(b-1), 1.1^b).
 const BIN_OF_MS: &str = "CASE WHEN ms < 1 THEN 0 ELSE least(floor(ln(ms) / ln(1.1))::int + 1, 1000) END";
+
+/// The duration bin of the saga whose columns start with `prefix` (`s.` or nothing): that of a
+/// COMPLETED saga with a finite start and end, NULL for any other. One expression for the rollup
+/// and the live count, so that both bin alike; a row without an end (an import, a hand edit)
+/// has no duration rather than stopping the rollup.
+fn duration_bin(prefix: &str) -> String {
+    format!(
+        "CASE WHEN {prefix}status = 'COMPLETED' AND isfinite({prefix}ended_at) AND isfinite({prefix}created_at) THEN
+             (SELECT {BIN_OF_MS} FROM (SELECT extract(epoch FROM {prefix}ended_at - {prefix}created_at)::float8
+                 * 1000 AS ms) d)
+         END"
+    )
+}
 /// The relative width of a bin.
 const BIN_BASE: f64 = 1.1;
 
 /// Counts the queued ended sagas into `saga_stats`, at most `limit` of them, in one transaction;
 /// how many it took off the queue.
 pub(crate) async fn roll_up(pool: &PgPool, limit: i64) -> sqlx::Result<i64> {
+    let bin = duration_bin("s.");
     let sql = format!(
         "WITH taken AS (
              DELETE FROM saga_stats_pending WHERE saga_id IN (
@@ -32,9 +46,7 @@ pub(crate) async fn roll_up(pool: &PgPool, limit: i64) -> sqlx::Result<i64> {
          ), ended AS (
              SELECT s.saga_type, s.status, coalesce(s.failure_step, '') AS failure_step,
                     coalesce(s.failure_code, '') AS failure_code, s.created_at,
-                    CASE WHEN s.status = 'COMPLETED' THEN (
-                        SELECT {BIN_OF_MS} FROM (SELECT extract(epoch FROM s.ended_at - s.created_at)::float8 * 1000 AS ms) d
-                    ) ELSE -1 END AS duration_bin
+                    coalesce({bin}, -1) AS duration_bin
              FROM taken JOIN saga_instances s ON s.id = taken.saga_id
              WHERE s.status IN ('COMPLETED', 'FAILED')
          ), counted AS (
@@ -184,11 +196,7 @@ pub(crate) async fn window(
     .await?);
     // What it cannot have: every saga of the part-spans at the edges; in the whole spans, the
     // sagas not ended and those ended but not counted yet.
-    let columns = format!(
-        "status, failure_step, failure_code, attention_step,
-         CASE WHEN status = 'COMPLETED' THEN (SELECT {BIN_OF_MS}
-             FROM (SELECT extract(epoch FROM ended_at - created_at)::float8 * 1000 AS ms) d) END"
-    );
+    let columns = format!("status, failure_step, failure_code, attention_step, {}", duration_bin(""));
     let of_type = "($5::text IS NULL OR saga_type = $5)";
     let live_columns = "status, failure_step, failure_code, attention_step, created_at, ended_at";
     let pending_columns = "s.status, s.failure_step, s.failure_code, s.attention_step, s.created_at, s.ended_at";
@@ -354,7 +362,7 @@ mod window_tests {
         }
         let durations: Vec<f64> = sqlx::query_scalar(&format!(
             "SELECT extract(epoch FROM ended_at - created_at)::float8 * 1000 FROM saga_instances
-             WHERE {window} AND status = 'COMPLETED' ORDER BY 1"
+             WHERE {window} AND status = 'COMPLETED' AND isfinite(ended_at) ORDER BY 1"
         ))
         .bind(from)
         .bind(to)
@@ -474,6 +482,18 @@ mod window_tests {
              SELECT gen_random_uuid(), 'refund', 1, 'imported' || i, 'h', '{}', 'COMPLETED', 0, 'verify_order',
                  'ACTION', 1, 'NOTHING', now() - i * interval '1 min', now(), now() - i * interval '1 min' + interval '2 s'
              FROM generate_series(1, 100) AS i",
+        )
+        .await
+        .unwrap();
+        // Rows a hand or an import may leave: COMPLETED without an end, or ended at infinity. They
+        // are counted without a duration; they do not stop the rollup.
+        pool.execute(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, input,
+                 status, step_index, step_name, step_kind, attempt, waiting, created_at, updated_at, ended_at)
+             VALUES (gen_random_uuid(), 'refund', 1, 'no-end', 'h', '{}', 'COMPLETED', 0, 'verify_order', 'ACTION', 1,
+                     'NOTHING', now() - interval '5 min', now(), NULL),
+                    (gen_random_uuid(), 'refund', 1, 'end-at-infinity', 'h', '{}', 'COMPLETED', 0, 'verify_order',
+                     'ACTION', 1, 'NOTHING', now() - interval '7 min', now(), 'infinity')",
         )
         .await
         .unwrap();

@@ -63,7 +63,9 @@ pub(crate) async fn roll_up(pool: &PgPool, limit: i64) -> sqlx::Result<i64> {
          )
          SELECT count(*) FROM taken"
     );
-    sqlx::query_scalar(&sql).bind(limit).fetch_one(pool).await
+    // Planned at each call (unprepared), for the queue's size at that moment: see the outbox's
+    // DELETE_PUBLISHED.
+    sqlx::query_scalar(&sql).persistent(false).bind(limit).fetch_one(pool).await
 }
 
 /// Rolls up ended sagas until `shutdown`: a batch every `interval`, at once again while the queue

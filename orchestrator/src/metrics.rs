@@ -21,6 +21,7 @@ pub(crate) const OLDEST_IN_FLIGHT: &str = "saga_oldest_in_flight_age_seconds";
 pub(crate) const DB_CONNECTIONS: &str = "database_connections";
 pub(crate) const HTTP_REQUESTS: &str = "http_requests_total";
 pub(crate) const HTTP_DURATION: &str = "http_request_duration_seconds";
+pub(crate) const WAKEUPS_REPAIRED: &str = "saga_wakeups_repaired_total";
 
 pub(crate) fn describe() {
     describe_counter!(SAGA_CREATED, "Sagas started, by saga_type");
@@ -57,6 +58,11 @@ pub(crate) fn describe() {
     describe_gauge!(DB_CONNECTIONS, "Database pool connections, by state (open, idle, max)");
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by method, route and status");
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration, by method, route and status");
+    describe_counter!(
+        WAKEUPS_REPAIRED,
+        "Rows of saga_wakeups added, corrected or deleted to match saga_instances.wake_at (0 unless its triggers were bypassed)"
+    );
+    metrics::counter!(WAKEUPS_REPAIRED).increment(0);
 }
 
 /// Registers the saga counters at zero for every loaded saga type, so that dashboards and the

@@ -417,15 +417,46 @@ pub(crate) async fn park(
     .await
 }
 
+/// Brings `saga_wakeups` back in step with `saga_instances.wake_at` where something bypassed its
+/// triggers (`session_replication_role = replica`, a restore without them): adds the wake-ups of
+/// sagas in flight that have none, corrects those that differ, and deletes those of sagas that
+/// are not waiting (or no longer exist). Returns how many rows it changed: 0 when in step.
+///
+/// A saga whose wake-up it writes is locked first (`SKIP LOCKED`: one in a transition is left to
+/// its own trigger), so the value written is the saga's current one, not a stale snapshot's.
+pub(crate) async fn repair_wakeups(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "WITH wanted AS (
+             SELECT id, wake_at FROM saga_instances s
+             WHERE status IN ('RUNNING', 'COMPENSATING') AND wake_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM saga_wakeups w WHERE w.saga_id = s.id AND w.wake_at = s.wake_at)
+             ORDER BY id
+             FOR UPDATE SKIP LOCKED
+         ), upserted AS (
+             INSERT INTO saga_wakeups (saga_id, wake_at) SELECT id, wake_at FROM wanted
+             ON CONFLICT (saga_id) DO UPDATE SET wake_at = EXCLUDED.wake_at
+             RETURNING 1
+         ), deleted AS (
+             DELETE FROM saga_wakeups w
+             WHERE NOT EXISTS (SELECT 1 FROM saga_instances s WHERE s.id = w.saga_id AND s.wake_at IS NOT NULL)
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM deleted)",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// saga_wakeups indexes saga_instances.wake_at (migration 1006, ADR 21), which stays unindexed so
+/// that a step's update of the saga row is a HOT update; the row's own wake_at is checked again
+/// once it is locked, so a stale wake-up cannot act early.
+pub(crate) const CLAIM_DUE: &str = "SELECT s.id FROM saga_wakeups w JOIN saga_instances s ON s.id = w.saga_id
+     WHERE w.wake_at <= $1 AND s.wake_at <= $1
+     ORDER BY w.wake_at LIMIT $2 FOR UPDATE OF s SKIP LOCKED";
+
 /// Locks up to `limit` sagas whose wake-up time has passed, skipping those another replica holds.
 pub(crate) async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
-        "SELECT id FROM saga_instances WHERE wake_at <= $1 ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(now)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    sqlx::query_scalar(CLAIM_DUE).bind(now).bind(limit).fetch_all(conn).await
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -564,6 +595,11 @@ fn push_filter_side(query: &mut QueryBuilder<'_, Postgres>, filter: &ListFilter,
         if let Some(value) = value {
             query.push(format_args!(" AND {expr} ")).push_bind(value);
         }
+    }
+    if let Some(overdue) = filter.overdue_since {
+        // The wake-ups are indexed in their own table (migration 1006): the few overdue sagas
+        // are found there, not among all those in flight.
+        query.push(" AND id IN (SELECT saga_id FROM saga_wakeups WHERE wake_at < ").push_bind(overdue).push(")");
     }
 }
 
@@ -766,14 +802,19 @@ pub(crate) mod scratch {
     use sqlx::{Connection, Executor, PgConnection};
     use uuid::Uuid;
 
-    fn base() -> String {
-        std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    /// The server's URL and its query (`?sslmode=disable`, `?host=/var/run/postgresql`), if any.
+    fn base() -> (String, String) {
+        let url = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        match url.split_once('?') {
+            Some((base, query)) => (base.trim_end_matches('/').to_owned(), format!("?{query}")),
+            None => (url.trim_end_matches('/').to_owned(), String::new()),
+        }
     }
 
     /// A new database with every migration applied: a connection to it, and its name.
     pub(crate) async fn database(purpose: &str) -> (PgConnection, String) {
         let name = format!("sagatest_{purpose}_{}", &Uuid::new_v4().simple().to_string()[..10]);
-        let mut admin = PgConnection::connect(&format!("{}/postgres", base())).await.expect("Postgres is running");
+        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
         admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
         let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
         sqlx::migrate!("../migrations/orchestrator").run(&mut conn).await.unwrap();
@@ -781,11 +822,12 @@ pub(crate) mod scratch {
     }
 
     pub(crate) fn url(name: &str) -> String {
-        format!("{}/{name}", base())
+        let (base, query) = base();
+        format!("{base}/{name}{query}")
     }
 
     pub(crate) async fn drop(name: &str) {
-        let mut admin = PgConnection::connect(&format!("{}/postgres", base())).await.unwrap();
+        let mut admin = PgConnection::connect(&url("postgres")).await.unwrap();
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
     }
 }
@@ -824,7 +866,7 @@ mod plan_tests {
         )
         .await
         .unwrap();
-        conn.execute("ANALYZE saga_instances").await.unwrap();
+        conn.execute("ANALYZE saga_instances; ANALYZE saga_wakeups").await.unwrap();
 
         let now = Utc::now();
         let day = chrono::Duration::days(1);
@@ -901,6 +943,29 @@ mod plan_tests {
                 failures.push(format!("{name}:\n{plan}"));
             }
         }
+        // And the timer loop's claim, with 20,000 more sagas waiting for a reply (as when a
+        // participant is down): through the wake-ups' index, not the sagas in flight.
+        conn.execute(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, input,
+                 status, step_index, step_name, step_kind, attempt, waiting, wake_at, created_at)
+             SELECT gen_random_uuid(), 'order-fulfilment', 1, 'waiting' || i, 'h', '{}'::jsonb, 'RUNNING', 2,
+                 'charge_payment', 'ACTION', 1, 'REPLY', now() + i * interval '10 ms', now() - interval '1 minute'
+             FROM generate_series(1, 20000) AS i;
+             ANALYZE saga_instances; ANALYZE saga_wakeups",
+        )
+        .await
+        .unwrap();
+        let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {CLAIM_DUE}"))
+            .bind(now)
+            .bind(200i64)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        let plan = lines.join("\n");
+        doc.push_str(&format!("\n## the timer loop's claim of due sagas\n\n```\n{plan}\n```\n"));
+        if !plan.contains("saga_wakeups_wake_at") {
+            failures.push(format!("timer claim:\n{plan}"));
+        }
         if let Ok(path) = std::env::var("WRITE_QUERY_PLANS") {
             std::fs::write(path, doc).unwrap();
         }
@@ -966,9 +1031,8 @@ mod round_trip_tests {
     #[test]
     fn what_is_accepted_is_read_back_unchanged_and_what_is_refused_would_not_be() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
         let pool = runtime
-            .block_on(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&format!("{base}/postgres")))
+            .block_on(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&scratch::url("postgres")))
             .expect("Postgres is running");
         let config = ProptestConfig { cases: 400, ..ProptestConfig::default() };
         proptest!(config, |(value in json())| {
@@ -988,5 +1052,109 @@ mod round_trip_tests {
                 }
             }
         });
+    }
+}
+
+/// Against the real Postgres: `saga_wakeups` follows `saga_instances.wake_at` through every kind
+/// of write (migration 1006), the timer's claim goes by the saga's own `wake_at`, and the repair
+/// puts back what a write that bypassed the triggers left out of step.
+#[cfg(test)]
+mod wakeup_tests {
+    use sqlx::Executor;
+
+    use super::*;
+
+    async fn wakeups(conn: &mut PgConnection) -> Vec<(Uuid, DateTime<Utc>)> {
+        sqlx::query_as("SELECT saga_id, wake_at FROM saga_wakeups ORDER BY saga_id").fetch_all(conn).await.unwrap()
+    }
+
+    async fn wanted(conn: &mut PgConnection) -> Vec<(Uuid, DateTime<Utc>)> {
+        sqlx::query_as("SELECT id, wake_at FROM saga_instances WHERE wake_at IS NOT NULL ORDER BY id")
+            .fetch_all(conn)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn wakeups_follow_every_write_and_the_repair_restores_them() {
+        let (mut conn, name) = scratch::database("wakeups").await;
+        // 30 sagas: 20 waiting (10 due), 10 ended; one statement, as a batch is.
+        conn.execute(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, input,
+                 status, step_index, step_name, step_kind, attempt, waiting, wake_at, ended_at)
+             SELECT md5(i::text)::uuid, 'order', 1, 'k' || i, 'h', '{}'::jsonb,
+                 CASE WHEN i <= 20 THEN 'RUNNING' ELSE 'COMPLETED' END, 0, 'verify_order', 'ACTION', 1,
+                 CASE WHEN i <= 20 THEN 'REPLY' ELSE 'NOTHING' END,
+                 CASE WHEN i <= 10 THEN now() - interval '1 minute' WHEN i <= 20 THEN now() + interval '1 hour' END,
+                 CASE WHEN i > 20 THEN now() END
+             FROM generate_series(1, 30) AS i",
+        )
+        .await
+        .unwrap();
+        assert_eq!(wakeups(&mut conn).await.len(), 20);
+        assert_eq!(wakeups(&mut conn).await, wanted(&mut conn).await);
+
+        // A step (a new deadline), an end, an operator's retry of an ended saga, a hand-edit of
+        // one row, a delete: each keeps them in step.
+        conn.execute(
+            "UPDATE saga_instances SET wake_at = wake_at + interval '5 seconds', version = version + 1
+             WHERE id IN (md5('11')::uuid, md5('12')::uuid)",
+        )
+        .await
+        .unwrap();
+        conn.execute(
+            "UPDATE saga_instances SET status = 'COMPLETED', waiting = 'NOTHING', wake_at = NULL, ended_at = now()
+             WHERE id = md5('13')::uuid",
+        )
+        .await
+        .unwrap();
+        conn.execute(
+            "UPDATE saga_instances SET status = 'RUNNING', waiting = 'REPLY', wake_at = now(), ended_at = NULL
+             WHERE id = md5('21')::uuid",
+        )
+        .await
+        .unwrap();
+        conn.execute("UPDATE saga_instances SET business_key = 'x' WHERE id = md5('14')::uuid").await.unwrap();
+        conn.execute("DELETE FROM saga_instances WHERE id IN (md5('15')::uuid, md5('22')::uuid)").await.unwrap();
+        assert_eq!(wakeups(&mut conn).await.len(), 19);
+        assert_eq!(wakeups(&mut conn).await, wanted(&mut conn).await);
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&scratch::url(&name)).await.unwrap();
+        assert_eq!(repair_wakeups(&pool).await.unwrap(), 0, "in step: nothing to repair");
+
+        // The claim goes by the saga's own wake_at: a wake-up row saying "due" for a saga that is
+        // not (written past the triggers) does not wake it.
+        conn.execute("SET session_replication_role = replica").await.unwrap();
+        conn.execute("UPDATE saga_wakeups SET wake_at = now() - interval '1 hour' WHERE saga_id = md5('16')::uuid")
+            .await
+            .unwrap();
+        let mut due = claim_due(&mut conn, Utc::now(), 100).await.unwrap();
+        due.sort();
+        let mut expected: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM saga_instances WHERE wake_at <= now() ORDER BY id")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        expected.sort();
+        assert_eq!(due.len(), 11, "10 due and the retried one");
+        assert_eq!(due, expected);
+
+        // More writes past the triggers: a wake-up lost, one orphaned, one for an ended saga.
+        conn.execute("DELETE FROM saga_wakeups WHERE saga_id IN (md5('1')::uuid, md5('17')::uuid)").await.unwrap();
+        conn.execute("INSERT INTO saga_wakeups VALUES (gen_random_uuid(), now()), (md5('23')::uuid, now())")
+            .await
+            .unwrap();
+        conn.execute("UPDATE saga_instances SET wake_at = now() + interval '2 hours' WHERE id = md5('18')::uuid")
+            .await
+            .unwrap();
+        conn.execute("SET session_replication_role = origin").await.unwrap();
+        assert_ne!(wakeups(&mut conn).await, wanted(&mut conn).await);
+        // 2 added, 2 corrected (16, 18), 2 deleted.
+        assert_eq!(repair_wakeups(&pool).await.unwrap(), 6);
+        assert_eq!(wakeups(&mut conn).await, wanted(&mut conn).await);
+        assert_eq!(repair_wakeups(&pool).await.unwrap(), 0);
+
+        pool.close().await;
+        drop(conn);
+        scratch::drop(&name).await;
     }
 }

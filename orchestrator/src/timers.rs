@@ -1,5 +1,5 @@
-//! The timer loop (reply deadlines and retry backoffs stored in `saga_instances.wake_at`) and the
-//! sampler of in-flight and connection-pool gauges.
+//! The timer loop (reply deadlines and retry backoffs: `saga_instances.wake_at`, indexed by
+//! `saga_wakeups`) and the sampler of in-flight and connection-pool gauges.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,9 @@ use crate::engine::{Effects, Engine};
 use crate::metrics as m;
 use crate::store;
 
+/// How often the timer loop checks that `saga_wakeups` matches `saga_instances.wake_at` (ADR 21).
+const REPAIR_EVERY: Duration = Duration::from_secs(60);
+
 /// Handles due sagas until `shutdown`. Claims use `FOR UPDATE SKIP LOCKED`, so replicas share the
 /// work without acting on one saga twice, and a restarted orchestrator resumes the stored timers.
 pub(crate) async fn run(
@@ -22,7 +25,19 @@ pub(crate) async fn run(
     batch: i64,
     shutdown: CancellationToken,
 ) {
+    let mut repaired_at = tokio::time::Instant::now();
     while !shutdown.is_cancelled() {
+        if repaired_at.elapsed() >= REPAIR_EVERY {
+            repaired_at = tokio::time::Instant::now();
+            match store::repair_wakeups(&pool).await {
+                Ok(0) => {}
+                Ok(repaired) => {
+                    metrics::counter!(m::WAKEUPS_REPAIRED).increment(repaired as u64);
+                    tracing::warn!(repaired, "saga_wakeups was out of step with saga_instances.wake_at; repaired");
+                }
+                Err(error) => tracing::error!(%error, "repairing saga_wakeups"),
+            }
+        }
         let handled = match tick(&pool, &engine, batch).await {
             Ok(handled) => handled,
             Err(error) => {

@@ -82,8 +82,15 @@ fn base_service(service: &str) -> &str {
     service.split('#').next().unwrap_or(service)
 }
 
-fn default_postgres_base() -> String {
-    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+/// The server of `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`) and its
+/// query, if any, which every database's URL gets too: `...:5432?sslmode=disable`, or
+/// `postgres://postgres@localhost?host=/var/run/postgresql` for the Unix socket.
+fn default_postgres() -> (String, String) {
+    let url = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+    match url.split_once('?') {
+        Some((base, query)) => (base.trim_end_matches('/').to_owned(), format!("?{query}")),
+        None => (url.trim_end_matches('/').to_owned(), String::new()),
+    }
 }
 
 fn brokers() -> String {
@@ -257,7 +264,7 @@ impl System {
             processes: Mutex::new(BTreeMap::new()),
             brokers: brokers(),
             broker: Mutex::new(None),
-            postgres: options.postgres.clone().unwrap_or_else(|| (default_postgres_base(), String::new())),
+            postgres: options.postgres.clone().unwrap_or_else(default_postgres),
             http,
             log_dir,
             env: options.env,

@@ -322,8 +322,18 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
         }),
     };
     let topic = context.kafka.topic(START_REQUESTS_TOPIC);
-    outbox::insert(&mut tx, &[OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start)]).await?;
+    let messages = vec![OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start)];
+    let handed_off = match context.handoff {
+        Some(_) => Some(outbox::insert_for_handoff(&mut tx, messages).await?),
+        None => {
+            outbox::insert(&mut tx, &messages).await?;
+            None
+        }
+    };
     tx.commit().await?;
+    if let (Some(handoff), Some(batch)) = (&context.handoff, handed_off) {
+        handoff.send(batch);
+    }
     tracing::info!(order_id = %id, saga_id = %saga_id, "order placed");
     let order = load(&context, id).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/api/v1/orders/{id}"))], Json(order.to_json()))

@@ -308,72 +308,81 @@ pub async fn run_relay(
         ..ExponentialBackoff::default()
     };
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(HANDOFFS_IN_FLIGHT));
-    while !shutdown.is_cancelled() {
-        // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
-        // its transaction back, and its rows are published after the restart.
-        let published = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            published = publish_batch(&pool, &producer, config.outbox_batch_size, config.outbox_handoff_grace) => published,
-        };
-        match published {
-            Ok(n) => {
-                backoff.reset();
-                if n as i64 >= config.outbox_batch_size {
-                    continue; // more is waiting
-                }
-            }
-            Err(error) => {
-                counter!(PUBLISH_ERRORS).increment(1);
-                let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
-                tracing::error!(error = format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "outbox relay");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
-        }
-        let notified = async {
-            match listener.as_mut() {
-                Some(l) => {
-                    if let Err(error) = l.recv().await {
-                        tracing::warn!(%error, "outbox notification listener");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+    let (acknowledged, deletions) = tokio::sync::mpsc::unbounded_channel();
+    let deleter = delete_acknowledged(pool.clone(), deletions, shutdown.clone());
+    let relay = async move {
+        while !shutdown.is_cancelled() {
+            // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
+            // its transaction back, and its rows are published after the restart.
+            let published = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                published = publish_batch(&pool, &producer, config.outbox_batch_size, config.outbox_handoff_grace) => published,
+            };
+            match published {
+                Ok(n) => {
+                    backoff.reset();
+                    if n as i64 >= config.outbox_batch_size {
+                        continue; // more is waiting
                     }
                 }
-                None => std::future::pending().await,
+                Err(error) => {
+                    counter!(PUBLISH_ERRORS).increment(1);
+                    let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "outbox relay"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
             }
-        };
-        tokio::pin!(notified);
-        let poll = tokio::time::sleep(config.outbox_poll_interval);
-        tokio::pin!(poll);
-        // Until the table needs a look, publish what committed transactions hand over.
-        loop {
-            let handed = async {
-                match handoffs.as_mut() {
-                    Some(rx) => rx.recv().await,
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        if let Err(error) = l.recv().await {
+                            tracing::warn!(%error, "outbox notification listener");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = &mut notified => break,
-                _ = &mut poll => break,
-                batch = handed => match batch {
-                    Some(batch) => {
-                        let mut batches = vec![batch];
-                        while let Some(more) = handoffs.as_mut().and_then(|rx| rx.try_recv().ok()) {
-                            batches.push(more);
-                        }
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = publish_handed_off(&pool, &producer, batches, &in_flight) => {}
-                        }
+            tokio::pin!(notified);
+            let poll = tokio::time::sleep(config.outbox_poll_interval);
+            tokio::pin!(poll);
+            // Until the table needs a look, publish what committed transactions hand over.
+            loop {
+                let handed = async {
+                    match handoffs.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
                     }
-                    None => handoffs = None,
-                },
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = &mut notified => break,
+                    _ = &mut poll => break,
+                    batch = handed => match batch {
+                        Some(batch) => {
+                            let mut batches = vec![batch];
+                            while let Some(more) = handoffs.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                                batches.push(more);
+                            }
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = publish_handed_off(&producer, batches, &in_flight, &acknowledged) => {}
+                            }
+                        }
+                        None => handoffs = None,
+                    },
+                }
             }
         }
-    }
+    };
+    tokio::join!(relay, deleter);
 }
 
 /// Hand-offs whose acknowledgements may be awaited at once; beyond, the relay waits.
@@ -383,10 +392,10 @@ const HANDOFFS_IN_FLIGHT: usize = 64;
 /// batch is produced meanwhile) awaits the broker's acknowledgements and deletes them. Rows that
 /// could not be produced stay for the sweep once older than the grace period.
 async fn publish_handed_off(
-    pool: &PgPool,
     producer: &FutureProducer,
     batches: Vec<HandedOff>,
     in_flight: &std::sync::Arc<tokio::sync::Semaphore>,
+    acknowledged: &tokio::sync::mpsc::UnboundedSender<Vec<i64>>,
 ) {
     let started = Instant::now();
     let dwell = histogram!(DWELL_SECONDS);
@@ -426,7 +435,7 @@ async fn publish_handed_off(
         }
     }
     let ids: Vec<i64> = encoded.iter().map(|(id, _, _)| *id).collect();
-    let (pool, handed) = (pool.clone(), batches.len() as u64);
+    let (acknowledged, handed) = (acknowledged.clone(), batches.len() as u64);
     tokio::spawn(async move {
         let _permit = permit;
         for delivery in futures::future::join_all(deliveries).await {
@@ -441,13 +450,54 @@ async fn publish_handed_off(
             return;
         }
         crate::faults::crash_point!("outbox.after_publish");
-        if let Err(error) = sqlx::query(DELETE_PUBLISHED).persistent(false).bind(&ids).execute(&pool).await {
-            // Published: the sweep publishes them once more (consumers deduplicate), then deletes them.
-            tracing::warn!(%error, "deleting published outbox rows failed");
-        }
         histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         counter!(PUBLISHED).increment(ids.len() as u64);
+        // Gone only if the relay stopped: the sweep publishes them once more after the restart.
+        let _ = acknowledged.send(ids);
     });
+}
+
+/// How long the deleter gathers acknowledged hand-offs before deleting them in one statement.
+const DELETE_LINGER: Duration = Duration::from_millis(10);
+
+/// Deletes the rows the broker acknowledged: every hand-off acknowledged within
+/// [`DELETE_LINGER`] of the first in one statement and one commit, instead of one each (a
+/// service that hands off an order or a small batch at a time wrote a commit per hand-off).
+/// A row published but not deleted (the database failing, a stop) is published once more by the
+/// sweep, which consumers deduplicate. Ends when every sender is gone or at `shutdown`, after
+/// deleting what was already acknowledged.
+async fn delete_acknowledged(
+    pool: PgPool,
+    mut acknowledged: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>,
+    shutdown: CancellationToken,
+) {
+    let mut batches = Vec::new();
+    loop {
+        let stopping = tokio::select! {
+            received = acknowledged.recv_many(&mut batches, 1024) => {
+                if received == 0 {
+                    return;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => true,
+                    _ = tokio::time::sleep(DELETE_LINGER) => false,
+                }
+            }
+            _ = shutdown.cancelled() => true,
+        };
+        while let Ok(more) = acknowledged.try_recv() {
+            batches.push(more);
+        }
+        let ids: Vec<i64> = batches.drain(..).flatten().collect();
+        if !ids.is_empty() {
+            if let Err(error) = sqlx::query(DELETE_PUBLISHED).persistent(false).bind(&ids).execute(&pool).await {
+                tracing::warn!(%error, rows = ids.len(), "deleting published outbox rows failed; the sweep publishes them again");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// Samples the outbox backlog into the `saga_outbox_pending` and `saga_outbox_oldest_age_seconds`

@@ -392,6 +392,9 @@ impl ServiceConfig {
 pub struct ApiContext {
     pub pool: PgPool,
     pub kafka: KafkaConfig,
+    /// Publish on commit, as the consumer does: what a route commits to the outbox is handed to
+    /// the relay ([`outbox::insert_for_handoff`]) instead of waiting for its sweep.
+    pub handoff: Option<outbox::Handoff>,
 }
 
 /// A participant's own HTTP routes and the paths and schemas that document them (see
@@ -463,7 +466,7 @@ pub async fn run<P: Participant>(
         ),
     );
     let handler = CommandHandler {
-        handoff,
+        handoff: handoff.clone(),
         pool: pool.clone(),
         participant: participant(pool.clone()),
         service: format!("{name}-service"),
@@ -476,7 +479,7 @@ pub async fn run<P: Participant>(
 
     let readiness =
         crate::health::Readiness { service: name, pool: pool.clone(), producer, tasks: supervisor.health() };
-    let api = api(ApiContext { pool: pool.clone(), kafka: config.kafka.clone() });
+    let api = api(ApiContext { pool: pool.clone(), kafka: config.kafka.clone(), handoff });
     let service = format!("{name}-service");
     let description =
         format!("The {name} participant of the order saga. Errors are application/problem+json (RFC 9457).");

@@ -42,13 +42,31 @@ ensure_postgres() {
   local version
   version="$(ls /etc/postgresql | sort -V | tail -n 1)"
   say "Starting PostgreSQL $version"
-  # Local development trusts loopback connections, as the project's machines do.
+  # Local development trusts loopback connections, as the project's machines do, and the Unix
+  # socket (scripts/bench connects through it: see local_postgres_url).
   local hba="/etc/postgresql/$version/main/pg_hba.conf"
   if ! grep -qE '^host\s+all\s+all\s+127\.0\.0\.1/32\s+trust' "$hba"; then
     sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
   fi
+  if ! grep -qE '^local\s+all\s+all\s+trust' "$hba"; then
+    sed -i '1i local all all trust' "$hba"
+  fi
   pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2 || true
   wait_port "$PGHOST_ADDR" "$PGPORT_NUM" 30 PostgreSQL
+}
+
+# The server URL (no database) the services on this machine should use for the local Postgres:
+# its Unix socket when it answers there, as a deployment with Postgres on the same machine would
+# connect (over TCP with TLS the same system ends a quarter fewer sagas a second:
+# docs/performance.md), else TCP on $PGHOST_ADDR:$PGPORT_NUM.
+local_postgres_url() {
+  local socket_dir=/var/run/postgresql
+  if [[ -S "$socket_dir/.s.PGSQL.$PGPORT_NUM" ]] &&
+    psql -X -h "$socket_dir" -p "$PGPORT_NUM" -U postgres -d postgres -Atqc 'SELECT 1' >/dev/null 2>&1; then
+    echo "postgres://postgres@localhost:$PGPORT_NUM?host=$socket_dir"
+  else
+    echo "postgres://postgres@$PGHOST_ADDR:$PGPORT_NUM"
+  fi
 }
 
 # Apache Kafka, as production runs it: a broker answering at KAFKA_BROKERS is used as it is;

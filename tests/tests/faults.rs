@@ -39,11 +39,20 @@ async fn crash_scenario(service: &'static str, crash_point: &str, every: u32) ->
     let work = async {
         let placed = faults::place_many(&system, "crash", 60, 15.0, &["FAULT-A", "FAULT-B"], Kind::mix).await?;
         let drained = faults::settle(&system, &placed, SETTLE).await;
+        // What the last transitions committed is published after their sagas show as ended, and
+        // the crash point may fire then too: still restarted meanwhile.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         done.store(1, Ordering::SeqCst);
         drained.map(|_| placed)
     };
     let (placed, ()) = tokio::join!(work, supervise(&system, service, &done, &restarts));
     let placed = placed?;
+    if system.has_exited(service) {
+        restarts.fetch_add(1, Ordering::SeqCst);
+        system.kill(service).await?;
+        system.spawn(service)?;
+    }
+    system.wait_ready(service, Duration::from_secs(60)).await?;
     let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
     eprintln!("{crash_point}: {} crash(es); {report}", restarts.load(Ordering::SeqCst));
     assert!(

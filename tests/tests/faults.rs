@@ -37,13 +37,27 @@ async fn crash_scenario(service: &'static str, crash_point: &str, every: u32) ->
     let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
     let (done, restarts) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let work = async {
-        let placed = faults::place_many(&system, "crash", 60, 15.0, &["FAULT-A", "FAULT-B"], Kind::mix).await?;
-        let drained = faults::settle(&system, &placed, SETTLE).await;
-        // What the last transitions committed is published after their sagas show as ended, and
-        // the crash point may fire then too: still restarted meanwhile.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // `done` is set on every way out, or the supervisor would wait for ever.
+        let placed = async {
+            let placed = faults::place_many(&system, "crash", 60, 15.0, &["FAULT-A", "FAULT-B"], Kind::mix).await?;
+            faults::settle(&system, &placed, SETTLE).await?;
+            // What the last transitions committed is published after their sagas show as ended,
+            // and the crash point may fire then too: still restarted until the service's outbox
+            // is empty (the invariants' check below waits for it again and reports what is left).
+            let pool = system.pool(service).await?;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(45) {
+                let left: sqlx::Result<i64> = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&pool).await;
+                if matches!(left, Ok(0)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            anyhow::Ok(placed)
+        }
+        .await;
         done.store(1, Ordering::SeqCst);
-        drained.map(|_| placed)
+        placed
     };
     let (placed, ()) = tokio::join!(work, supervise(&system, service, &done, &restarts));
     let placed = placed?;

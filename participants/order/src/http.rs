@@ -323,17 +323,9 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
     };
     let topic = context.kafka.topic(START_REQUESTS_TOPIC);
     let messages = vec![OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start)];
-    let handed_off = match context.handoff {
-        Some(_) => Some(outbox::insert_for_handoff(&mut tx, messages).await?),
-        None => {
-            outbox::insert(&mut tx, &messages).await?;
-            None
-        }
-    };
+    let handed = outbox::insert_then_hand_off(&mut tx, context.handoff.as_ref(), messages).await?;
     tx.commit().await?;
-    if let (Some(handoff), Some(batch)) = (&context.handoff, handed_off) {
-        handoff.send(batch);
-    }
+    handed.send();
     tracing::info!(order_id = %id, saga_id = %saga_id, "order placed");
     let order = load(&context, id).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/api/v1/orders/{id}"))], Json(order.to_json()))

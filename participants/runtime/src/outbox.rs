@@ -66,6 +66,39 @@ pub async fn insert_for_handoff(conn: &mut PgConnection, messages: Vec<OutboxMes
     Ok(HandedOff { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() })
 }
 
+/// Inserts messages on the caller's connection, for the relay to publish on commit when
+/// `handoff` is set (else its sweep does). Hand what it returns over with
+/// [`AfterCommit::send`] once the transaction committed.
+pub async fn insert_then_hand_off(
+    conn: &mut PgConnection,
+    handoff: Option<&Handoff>,
+    messages: Vec<OutboxMessage>,
+) -> sqlx::Result<AfterCommit> {
+    match handoff {
+        Some(handoff) => Ok(AfterCommit(Some((handoff.clone(), insert_for_handoff(conn, messages).await?)))),
+        None => insert(conn, &messages).await.map(|_| AfterCommit(None)),
+    }
+}
+
+/// Rows [`insert_then_hand_off`] wrote, waiting for their transaction to commit.
+#[must_use = "send it once the transaction committed"]
+#[derive(Debug)]
+pub struct AfterCommit(Option<(Handoff, HandedOff)>);
+
+impl AfterCommit {
+    /// Counts the dwell from `started` instead (the start of the batch that wrote them).
+    pub fn since(self, started: Instant) -> Self {
+        Self(self.0.map(|(handoff, batch)| (handoff, batch.since(started))))
+    }
+
+    /// Hands the rows to the relay. Call only after their transaction committed.
+    pub fn send(self) {
+        if let Some((handoff, batch)) = self.0 {
+            handoff.send(batch);
+        }
+    }
+}
+
 async fn insert_rows(conn: &mut PgConnection, messages: &[OutboxMessage], handed_off: bool) -> sqlx::Result<Vec<i64>> {
     if messages.is_empty() {
         return Ok(Vec::new());

@@ -148,18 +148,10 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
             messages.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
         }
         processed.store(&mut tx).await?;
-        let handed = match &self.handoff {
-            Some(_) => Some(outbox::insert_for_handoff(&mut tx, messages).await?.since(started)),
-            None => {
-                outbox::insert(&mut tx, &messages).await?;
-                None
-            }
-        };
+        let handed = outbox::insert_then_hand_off(&mut tx, self.handoff.as_ref(), messages).await?.since(started);
         crate::crash_point!("participant.after_handle");
         tx.commit().await?;
-        if let (Some(handoff), Some(handed)) = (&self.handoff, handed) {
-            handoff.send(handed);
-        }
+        handed.send();
         for (topic, label) in rejected {
             counter!(REJECTED, "reason" => label).increment(1);
             dead_letter::count(topic, label);

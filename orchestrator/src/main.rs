@@ -115,8 +115,8 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let producer = kafka::producer(&config.kafka, "saga-orchestrator")?;
     let replies_topic = config.kafka.topic(REPLIES_TOPIC);
     let start_topic = config.kafka.topic(START_REQUESTS_TOPIC);
-    let consumer =
-        kafka::consumer(&config.kafka, &config.kafka_group_id, &[replies_topic.clone(), start_topic.clone()])?;
+    let subscription = [replies_topic.clone(), start_topic.clone()];
+    let consumer = kafka::consumer(&config.kafka, &config.kafka_group_id, &subscription)?;
     let engine = Arc::new(engine::Engine::new(registry.clone(), config.kafka.kafka_topic_prefix.clone()));
     let shutdown = shutdown::on_signal();
     let mut supervisor = supervisor::Supervisor::new(shutdown.clone());
@@ -149,8 +149,10 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     };
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
+    let (kafka_config, group) = (config.kafka.clone(), config.kafka_group_id.clone());
     supervisor.spawn("consumer", async move {
-        consumer::run(&consumer, settings, &inbound, consumer_shutdown).await;
+        let remake = || kafka::consumer(&kafka_config, &group, &subscription);
+        consumer::run(consumer, remake, settings, &inbound, consumer_shutdown).await;
     });
 
     let dead_letter_topics = all_topics.into_iter().filter(|t| t.ends_with(".dlq")).collect();

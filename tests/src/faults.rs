@@ -142,7 +142,12 @@ pub async fn settle(system: &System, placed: &[Placed], timeout: Duration) -> an
             return Ok(started.elapsed());
         }
         if started.elapsed() > timeout {
-            bail!("{} sagas not settled after {timeout:?}, e.g. {:?}", open.len(), &open[..open.len().min(5)]);
+            bail!(
+                "{} sagas not settled after {timeout:?}, e.g. {:?}{}",
+                open.len(),
+                &open[..open.len().min(5)],
+                system.diagnostics().await
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -680,6 +680,57 @@ impl System {
             .unwrap_or(0.0))
     }
 
+    /// What a failed wait should print, since CI keeps nothing else: per service, whether its
+    /// process runs, its outbox backlog and the last warnings, errors and rebalances of its log;
+    /// then the last lines of the private broker's log, if any.
+    pub async fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for service in SERVICES {
+            let backlog = match self.pool(service).await {
+                Ok(pool) => sqlx::query_as::<_, (i64, i64, Option<f64>)>(
+                    "SELECT count(*), count(*) FILTER (WHERE handed_off),
+                            EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM outbox",
+                )
+                .fetch_one(&pool)
+                .await
+                .map(|(n, handed, oldest)| {
+                    format!("{n} rows ({handed} handed off), oldest {:.1} s", oldest.unwrap_or(0.0))
+                })
+                .unwrap_or_else(|e| format!("unreadable: {e}")),
+                Err(e) => format!("unreachable: {e}"),
+            };
+            let process = match self.processes().get_mut(service).and_then(|p| p.child.as_mut()).map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => format!("exited ({status})"),
+                Some(Ok(None)) => "running".to_owned(),
+                Some(Err(e)) => format!("unknown ({e})"),
+                None => "not started".to_owned(),
+            };
+            out.push_str(&format!(
+                "\n--- {service}: {process}; outbox {backlog}; last warnings, errors and rebalances:\n"
+            ));
+            let log = std::fs::read_to_string(self.log_dir.join(format!("{service}.log"))).unwrap_or_default();
+            let noteworthy: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [" WARN ", " ERROR ", "panicked", "partitions assigned", "partitions revoked"]
+                        .iter()
+                        .any(|mark| l.contains(mark))
+                })
+                .collect();
+            for line in &noteworthy[noteworthy.len().saturating_sub(16)..] {
+                out.push_str(&format!("  {}\n", line.chars().take(400).collect::<String>()));
+            }
+        }
+        if let Ok(log) = std::fs::read_to_string(self.log_dir.join("kafka.log")) {
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str("--- private broker, last lines:\n");
+            for line in &lines[lines.len().saturating_sub(8)..] {
+                out.push_str(&format!("  {}\n", line.chars().take(300).collect::<String>()));
+            }
+        }
+        out
+    }
+
     pub async fn pool(&self, service: &str) -> anyhow::Result<PgPool> {
         Ok(PgPoolOptions::new().max_connections(2).connect(&self.database_url(service)).await?)
     }
@@ -733,10 +784,14 @@ impl System {
                     return Ok(saga);
                 }
                 if started.elapsed() > timeout {
-                    bail!("saga {saga_id} still {} after {timeout:?}: {saga:#}", saga["status"]);
+                    bail!(
+                        "saga {saga_id} still {} after {timeout:?}: {saga:#}{}",
+                        saga["status"],
+                        self.diagnostics().await
+                    );
                 }
             } else if started.elapsed() > timeout {
-                bail!("saga {saga_id} never appeared within {timeout:?}");
+                bail!("saga {saga_id} never appeared within {timeout:?}{}", self.diagnostics().await);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

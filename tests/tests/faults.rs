@@ -345,6 +345,35 @@ async fn broker_paused_longer_than_the_session_timeout_under_load() -> anyhow::R
     system.stop().await
 }
 
+/// A consumer that stops fetching (inventory) and one that leaves its group and never comes back
+/// (payment), as librdkafka sometimes leaves a member after its broker stalled (ADR 12): each is
+/// replaced by a new consumer that joins afresh once the stall timeout passed, and the sagas that
+/// waited on them finish.
+#[tokio::test]
+async fn a_consumer_that_stops_fetching_or_falls_out_of_its_group_is_replaced() -> anyhow::Result<()> {
+    // Statistics every second, so that the watch sees the stall soon after the 2 s allowed.
+    let quick = format!("{},statistics.interval.ms=1000", saga_e2e::consumer_properties());
+    let mut options = Options::default();
+    for (service, fault) in [("inventory", "starve"), ("payment", "leave")] {
+        options = options
+            .env(service, "FAILPOINTS", format!("consumer.stall=1*return({fault})"))
+            .env(service, "CONSUMER_STALL_TIMEOUT_MS", "2000")
+            .env(service, "KAFKA_CONSUMER_PROPERTIES", quick.clone());
+    }
+    let system = start(options).await?;
+    let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
+    let placed = faults::place_many(&system, "stalled", 40, 8.0, &["FAULT-A", "FAULT-B"], Kind::mix).await?;
+    let drained = faults::settle(&system, &placed, SETTLE).await?;
+    for (service, reason) in [("inventory", "starved"), ("payment", "out_of_group")] {
+        let rejoins = system.metric(service, &format!("saga_consumer_rejoins_total{{reason=\"{reason}\"}}")).await?;
+        assert_eq!(rejoins, 1.0, "{service} replaced its consumer once, for {reason}");
+    }
+    let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
+    eprintln!("stalled consumers replaced: drained {drained:?} after the last order; {report}");
+    report.assert_clean()?;
+    system.stop().await
+}
+
 /// The broker SIGKILLed under load and started again 3 s later on the log it left on disk: the
 /// producers' idempotent retries and the consumers' committed offsets carry every saga through.
 #[tokio::test]

@@ -72,12 +72,22 @@ pub struct KafkaConfig {
     /// dead-lettered to `<topic>.dlq` (failures while the database is away do not count).
     #[arg(long, env = "CONSUMER_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub consumer_max_failures: u32,
+    /// How long (milliseconds) a consumer may be out of its group while a broker answers, or
+    /// receive nothing while messages wait on its partitions, before it is replaced by a new one
+    /// that joins the group afresh (`saga_consumer_rejoins_total`); 0 never replaces it. Longer
+    /// than a rebalance takes: the session timeout plus the members' time to rejoin.
+    #[arg(long, env = "CONSUMER_STALL_TIMEOUT_MS", default_value = "60000", value_parser = parse_millis)]
+    pub consumer_stall_timeout: Duration,
 }
 
 impl KafkaConfig {
     /// The consumer's batching and dead-lettering settings.
     pub fn consumer_settings(&self) -> crate::consumer::Settings {
-        crate::consumer::Settings { batch_size: self.kafka_batch_size, max_failures: self.consumer_max_failures }
+        crate::consumer::Settings {
+            batch_size: self.kafka_batch_size,
+            max_failures: self.consumer_max_failures,
+            stall_timeout: self.consumer_stall_timeout,
+        }
     }
 
     /// The full name of a topic, with the configured prefix.

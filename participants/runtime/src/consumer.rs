@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use futures::{FutureExt, StreamExt};
-use metrics::{counter, describe_counter, describe_histogram, histogram};
+use metrics::{counter, describe_counter, describe_histogram, gauge, histogram};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -94,12 +94,17 @@ pub struct Settings {
     pub batch_size: usize,
     /// Failures of one message, while the database answers, before it is dead-lettered.
     pub max_failures: u32,
+    /// How long a consumer may be out of its group, or starved of messages that wait for it,
+    /// before it is replaced ([`GroupWatch`]); zero never replaces it.
+    pub stall_timeout: Duration,
 }
 
 pub(crate) const CONSUMED: &str = "saga_consumer_messages_total";
 pub(crate) const BATCH_SECONDS: &str = "saga_consumer_batch_duration_seconds";
 pub(crate) const BATCH_FAILURES: &str = "saga_consumer_batch_failures_total";
 pub(crate) const PANICS: &str = "saga_consumer_panics_total";
+pub(crate) const REJOINS: &str = "saga_consumer_rejoins_total";
+pub(crate) const IN_GROUP: &str = "saga_consumer_in_group";
 
 pub(crate) fn describe_metrics() {
     describe_counter!(CONSUMED, "Messages consumed and applied, by topic");
@@ -112,6 +117,18 @@ pub(crate) fn describe_metrics() {
         "Batches whose handling panicked (the message that panics alone is dead-lettered, reason panic)"
     );
     metrics::counter!(PANICS).increment(0);
+    describe_counter!(
+        REJOINS,
+        "Consumers replaced by a new one that joined the group afresh, by reason (out_of_group: not a member \
+         for the stall timeout while a broker was up; starved: messages waiting on its partitions and none received)"
+    );
+    for reason in ["out_of_group", "starved"] {
+        metrics::counter!(REJOINS, "reason" => reason).increment(0);
+    }
+    metrics::describe_gauge!(
+        IN_GROUP,
+        "1 while the consumer is a member of its group (librdkafka group state up/steady), else 0; from the statistics report"
+    );
     crate::dead_letter::describe_metrics();
     metrics::describe_gauge!(
         crate::kafka::CONSUMER_LAG,
@@ -119,25 +136,82 @@ pub(crate) fn describe_metrics() {
     );
 }
 
-/// Runs until `shutdown` is cancelled, then commits the stored offsets.
+/// Runs until `shutdown` is cancelled, then commits the stored offsets. A consumer that stalls
+/// ([`GroupWatch`]) is replaced by one from `remake`, which joins the group afresh.
 pub async fn run(
-    consumer: &crate::kafka::GroupConsumer,
+    consumer: crate::kafka::GroupConsumer,
+    remake: impl Fn() -> rdkafka::error::KafkaResult<crate::kafka::GroupConsumer>,
     settings: Settings,
     handler: &impl BatchHandler,
     shutdown: CancellationToken,
 ) {
+    let mut consumer = consumer;
+    loop {
+        let stall = consume(&consumer, settings, handler, &shutdown).await;
+        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing to commit is reported as an error too.
+            tracing::debug!(%error, "final offset commit");
+        }
+        let Some(stall) = stall else { return };
+        counter!(REJOINS, "reason" => stall.kind()).increment(1);
+        tracing::error!(
+            reason = %stall,
+            "the consumer stalled; replacing it with a new one that joins its group afresh"
+        );
+        // Closing leaves the group, which may wait on a coordinator that does not answer: the
+        // old consumer is closed on a thread of its own while the new one joins.
+        std::thread::spawn(move || drop(consumer));
+        consumer = loop {
+            match remake() {
+                Ok(consumer) => break consumer,
+                Err(error) => {
+                    tracing::error!(%error, "cannot create a new consumer; trying again in 5 s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        };
+    }
+}
+
+/// Consumes until `shutdown` (`None`) or until the consumer stalls.
+async fn consume(
+    consumer: &crate::kafka::GroupConsumer,
+    settings: Settings,
+    handler: &impl BatchHandler,
+    shutdown: &CancellationToken,
+) -> Option<Stall> {
     let mut stream = consumer.stream().ready_chunks(settings.batch_size.max(1));
     let mut pauses = Pauses::default();
+    let mut watch = GroupWatch::new(settings.stall_timeout);
+    let mut idle_since = Some(Instant::now());
     loop {
         pauses.apply(consumer, handler.paused_topics().await);
+        if let Some(report) = consumer.context().group_report() {
+            gauge!(IN_GROUP).set(if report.in_group { 1.0 } else { 0.0 });
+            if let Some(stall) = watch.observe(&report) {
+                return Some(stall);
+            }
+        }
+        let now = Instant::now();
+        if watch.probe_due(now, idle_since) {
+            let waiting = blocking(|| waiting_partitions(consumer, &pauses.paused));
+            if let Some(stall) = watch.observe_probe(now, idle_since, waiting) {
+                return Some(stall);
+            }
+        }
+        idle_since.get_or_insert_with(Instant::now);
         let chunk = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(PAUSE_RECHECK) => continue,
             chunk = stream.next() => match chunk {
                 Some(chunk) => chunk,
-                None => break,
+                None => return None,
             },
         };
+        idle_since = None;
         let mut records = Vec::with_capacity(chunk.len());
         for message in chunk {
             match message {
@@ -161,8 +235,8 @@ pub async fn run(
         if records.is_empty() {
             continue;
         }
-        if !apply_or_dead_letter(&records, handler, settings.max_failures, &shutdown).await {
-            break;
+        if !apply_or_dead_letter(&records, handler, settings.max_failures, shutdown).await {
+            return None;
         }
         crate::crash_point!("consumer.after_commit");
         if let Err(error) = consumer.store_offsets(&next_offsets(&records)) {
@@ -171,11 +245,184 @@ pub async fn run(
         for record in &records {
             counter!(CONSUMED, "topic" => record.topic.clone()).increment(1);
         }
+        inject_stall(consumer);
     }
-    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing to commit is reported as an error too.
-        tracing::debug!(%error, "final offset commit");
+}
+
+/// Fault injection: `consumer.stall=1*return(starve)` pauses every assigned partition behind the
+/// consumer's back (a member that stopped fetching), `return(leave)` unsubscribes (a member that
+/// fell out of its group and does not come back). Both are what [`GroupWatch`] must notice.
+fn inject_stall(consumer: &crate::kafka::GroupConsumer) {
+    let Some(fault) = crate::faults::fail::eval("consumer.stall", |arg| arg).flatten() else { return };
+    tracing::warn!(fault, "fault injection: the consumer stalls");
+    if fault == "leave" {
+        consumer.unsubscribe();
+    } else if let Err(error) = consumer.assignment().and_then(|assigned| consumer.pause(&assigned)) {
+        tracing::warn!(%error, "fault injection: cannot stall the consumer");
     }
+}
+
+/// Why a consumer is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stall {
+    /// Not a member of its group (librdkafka's group state not `up/steady`) for the stall
+    /// timeout while a broker connection is up.
+    OutOfGroup { state: String, for_seconds: u64 },
+    /// Assigned partitions it has not paused had messages waiting for the stall timeout while it
+    /// waited for messages and received none.
+    Starved { partitions: Vec<(String, i32)>, for_seconds: u64 },
+}
+
+impl Stall {
+    fn kind(&self) -> &'static str {
+        match self {
+            Stall::OutOfGroup { .. } => "out_of_group",
+            Stall::Starved { .. } => "starved",
+        }
+    }
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stall::OutOfGroup { state, for_seconds } => write!(
+                f,
+                "not a member of its consumer group for {for_seconds} s (group state {state}) while a broker is reachable"
+            ),
+            Stall::Starved { partitions, for_seconds } => {
+                let list: Vec<String> = partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+                write!(
+                    f,
+                    "messages waiting on its partitions {} for {for_seconds} s, and none received",
+                    list.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// Watches that a consumer takes part in its group and takes what waits for it. librdkafka
+/// recovers from a broker outage, a rebalance or a fenced member on its own; when it does not
+/// (ADR 12: a member that never heartbeats again after its broker stalled), the process is up,
+/// `/ready` says so, and nothing is consumed. After `limit` of that the consumer is replaced.
+/// - Out of its group: librdkafka's statistics report a group state other than `up/steady` for
+///   `limit` while a broker connection is up (a broker outage is librdkafka's to ride out).
+/// - Starved: the consumer has received nothing for `limit`, and the brokers' high watermarks
+///   of assigned partitions it has not paused itself stay above its position for one more probe
+///   ([`GroupWatch::probe_every`]) on the same partitions.
+///
+/// An idle member with no partitions (more replicas than partitions) is left alone.
+pub(crate) struct GroupWatch {
+    /// Zero turns the watch off.
+    limit: Duration,
+    last_report: Option<Instant>,
+    out_of_group_since: Option<Instant>,
+    last_probe: Option<Instant>,
+    /// Partitions a probe found with messages waiting, and when.
+    suspect: Option<(Instant, BTreeSet<(String, i32)>)>,
+}
+
+impl GroupWatch {
+    pub(crate) fn new(limit: Duration) -> Self {
+        Self { limit, last_report: None, out_of_group_since: None, last_probe: None, suspect: None }
+    }
+
+    /// How often an idle consumer's partitions are probed, once it has been idle for the limit.
+    fn probe_every(&self) -> Duration {
+        self.limit.min(Duration::from_secs(5))
+    }
+
+    /// Looks at a statistics report once (the same report again changes nothing).
+    pub(crate) fn observe(&mut self, report: &crate::kafka::GroupReport) -> Option<Stall> {
+        if self.limit.is_zero() || self.last_report == Some(report.at) {
+            return None;
+        }
+        self.last_report = Some(report.at);
+        if report.in_group || !report.broker_up {
+            self.out_of_group_since = None;
+            return None;
+        }
+        let since = *self.out_of_group_since.get_or_insert(report.at);
+        let out = report.at.saturating_duration_since(since);
+        (out >= self.limit).then(|| Stall::OutOfGroup { state: report.state.clone(), for_seconds: out.as_secs() })
+    }
+
+    /// Whether to probe the partitions now: the consumer has waited for messages (`idle_since`,
+    /// `None` while it applies a batch) for the limit, and the last probe is old enough.
+    pub(crate) fn probe_due(&self, now: Instant, idle_since: Option<Instant>) -> bool {
+        !self.limit.is_zero()
+            && idle_since.is_some_and(|idle| now.saturating_duration_since(idle) >= self.limit)
+            && self.last_probe.is_none_or(|probe| now.saturating_duration_since(probe) >= self.probe_every())
+    }
+
+    /// A probe's finding: the assigned, unpaused partitions whose high watermark is above the
+    /// consumer's position.
+    pub(crate) fn observe_probe(
+        &mut self,
+        now: Instant,
+        idle_since: Option<Instant>,
+        waiting: BTreeSet<(String, i32)>,
+    ) -> Option<Stall> {
+        self.last_probe = Some(now);
+        let Some(idle) = idle_since else {
+            self.suspect = None;
+            return None;
+        };
+        if let Some((at, before)) = &self.suspect {
+            // Still idle since before the first finding, and still waiting one probe later.
+            let still: Vec<(String, i32)> = waiting.intersection(before).cloned().collect();
+            if idle <= *at && !still.is_empty() && now.saturating_duration_since(*at) >= self.probe_every() {
+                return Some(Stall::Starved {
+                    partitions: still,
+                    for_seconds: now.saturating_duration_since(idle).as_secs(),
+                });
+            }
+            if idle <= *at && !still.is_empty() {
+                return None;
+            }
+        }
+        self.suspect = (!waiting.is_empty()).then_some((now, waiting));
+        None
+    }
+}
+
+/// Runs a blocking librdkafka call off the async workers when the runtime has several.
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        _ => call(),
+    }
+}
+
+/// The assigned partitions, other than `paused`, whose high watermark on the broker is above the
+/// consumer's position (or, before it fetched any, the group's committed offset). A partition
+/// whose offsets cannot be read now is left out.
+fn waiting_partitions(
+    consumer: &crate::kafka::GroupConsumer,
+    paused: &BTreeSet<(String, i32)>,
+) -> BTreeSet<(String, i32)> {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let Ok(positions) = consumer.position() else { return BTreeSet::new() };
+    let committed = consumer.committed(TIMEOUT).ok();
+    let mut waiting = BTreeSet::new();
+    for element in positions.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        if paused.contains(&(topic.to_owned(), partition)) {
+            continue;
+        }
+        let position = match element.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => committed.as_ref().and_then(|list| match list.find_partition(topic, partition)?.offset() {
+                Offset::Offset(offset) => Some(offset),
+                _ => None,
+            }),
+        };
+        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, TIMEOUT) else { continue };
+        if high > position.unwrap_or(low).max(low) {
+            waiting.insert((topic.to_owned(), partition));
+        }
+    }
+    waiting
 }
 
 /// Seeks the partitions of `held` back to their first record, so that they are fetched again.
@@ -440,5 +687,127 @@ mod tests {
                 ("b".into(), 0, Offset::Offset(1)),
             ]
         );
+    }
+
+    mod group_watch {
+        use super::super::*;
+        use crate::kafka::GroupReport;
+
+        const LIMIT: Duration = Duration::from_secs(60);
+
+        fn report(at: Instant, state: &str, broker_up: bool) -> GroupReport {
+            GroupReport { state: state.to_owned(), in_group: state == "up/steady", assigned: 3, broker_up, at }
+        }
+
+        /// A report every 5 s from `t0` for `seconds`; the first stall and when.
+        fn reports(
+            watch: &mut GroupWatch,
+            t0: Instant,
+            seconds: u64,
+            make: impl Fn(Instant) -> GroupReport,
+        ) -> Option<(u64, Stall)> {
+            (0..=seconds).step_by(5).find_map(|s| watch.observe(&make(t0 + Duration::from_secs(s))).map(|x| (s, x)))
+        }
+
+        /// The consume loop's probing, every second from `t0` for `seconds`; the first stall and when.
+        fn probes(
+            watch: &mut GroupWatch,
+            t0: Instant,
+            seconds: u64,
+            idle_since: impl Fn(Instant) -> Option<Instant>,
+            waiting: impl Fn(Instant) -> Vec<(&'static str, i32)>,
+        ) -> Option<(u64, Stall)> {
+            (0..=seconds).find_map(|s| {
+                let now = t0 + Duration::from_secs(s);
+                if !watch.probe_due(now, idle_since(now)) {
+                    return None;
+                }
+                let found = waiting(now).into_iter().map(|(t, p)| (t.to_owned(), p)).collect();
+                watch.observe_probe(now, idle_since(now), found).map(|x| (s, x))
+            })
+        }
+
+        #[test]
+        fn a_member_out_of_its_group_while_a_broker_is_up_is_replaced_after_the_limit() {
+            let (t0, mut watch) = (Instant::now(), GroupWatch::new(LIMIT));
+            let stall = reports(&mut watch, t0, 120, |at| report(at, "up/init", true));
+            assert_eq!(stall, Some((60, Stall::OutOfGroup { state: "up/init".into(), for_seconds: 60 })));
+        }
+
+        #[test]
+        fn a_broker_outage_or_rebalances_shorter_than_the_limit_are_left_to_librdkafka() {
+            let (t0, mut watch) = (Instant::now(), GroupWatch::new(LIMIT));
+            // Ten minutes with the broker away: nothing a new consumer would do better.
+            assert_eq!(reports(&mut watch, t0, 600, |at| report(at, "wait-coord/steady", false)), None);
+            // Rebalances of 55 s, back in the group between them.
+            let rebalancing = |at: Instant| {
+                let s = at.duration_since(t0).as_secs();
+                report(at, if s % 60 < 55 { "up/wait-join" } else { "up/steady" }, true)
+            };
+            assert_eq!(reports(&mut watch, t0 + Duration::from_secs(600), 600, rebalancing), None);
+        }
+
+        #[test]
+        fn the_same_report_seen_again_counts_once() {
+            let (t0, mut watch) = (Instant::now(), GroupWatch::new(LIMIT));
+            let late = report(t0 + LIMIT, "up/init", true);
+            assert_eq!(watch.observe(&report(t0, "up/init", true)), None);
+            assert!(watch.observe(&late).is_some());
+            assert_eq!(watch.observe(&late), None, "looked at once");
+        }
+
+        #[test]
+        fn messages_waiting_while_the_consumer_receives_none_replace_it_one_probe_after_the_limit() {
+            let (t0, mut watch) = (Instant::now(), GroupWatch::new(LIMIT));
+            let stall = probes(&mut watch, t0, 120, |_| Some(t0), |_| vec![("commands", 1)]);
+            assert_eq!(stall, Some((65, Stall::Starved { partitions: vec![("commands".into(), 1)], for_seconds: 65 })));
+        }
+
+        #[test]
+        fn an_idle_consumer_is_not_probed_before_the_limit_nor_more_than_every_five_seconds() {
+            let (t0, mut watch) = (Instant::now(), GroupWatch::new(LIMIT));
+            let mut probed = Vec::new();
+            for s in 0..=80 {
+                let now = t0 + Duration::from_secs(s);
+                if watch.probe_due(now, Some(t0)) {
+                    probed.push(s);
+                    assert_eq!(watch.observe_probe(now, Some(t0), BTreeSet::new()), None);
+                }
+            }
+            assert_eq!(probed, vec![60, 65, 70, 75, 80]);
+        }
+
+        #[test]
+        fn messages_that_arrive_or_are_taken_between_probes_are_not_a_stall() {
+            let t0 = Instant::now();
+            // A quiet topic: a message now and then, each taken at once (the wait restarts).
+            let mut watch = GroupWatch::new(LIMIT);
+            let taken = |now: Instant| Some(t0 + Duration::from_secs(now.duration_since(t0).as_secs() / 61 * 61));
+            assert_eq!(probes(&mut watch, t0, 600, taken, |_| vec![("commands", 0)]), None);
+            // Waiting at one probe, gone at the next: it was just produced, and fetched.
+            let mut watch = GroupWatch::new(LIMIT);
+            let flickering = |now: Instant| {
+                if now.duration_since(t0).as_secs() % 10 == 0 {
+                    vec![("commands", 0)]
+                } else {
+                    vec![]
+                }
+            };
+            assert_eq!(probes(&mut watch, t0, 600, |_| Some(t0), flickering), None);
+            // Another partition each probe.
+            let mut watch = GroupWatch::new(LIMIT);
+            let moving = |now: Instant| vec![("commands", (now.duration_since(t0).as_secs() / 5 % 2) as i32)];
+            assert_eq!(probes(&mut watch, t0, 600, |_| Some(t0), moving), None);
+        }
+
+        #[test]
+        fn a_consumer_applying_a_batch_or_with_the_watch_off_is_never_replaced() {
+            let t0 = Instant::now();
+            let mut watch = GroupWatch::new(LIMIT);
+            assert_eq!(probes(&mut watch, t0, 600, |_| None, |_| vec![("commands", 0)]), None);
+            let mut off = GroupWatch::new(Duration::ZERO);
+            assert_eq!(probes(&mut off, t0, 600, |_| Some(t0), |_| vec![("commands", 0)]), None);
+            assert_eq!(reports(&mut off, t0, 600, |at| report(at, "up/init", true)), None);
+        }
     }
 }

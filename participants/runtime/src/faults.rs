@@ -22,6 +22,9 @@ pub const CRASH_POINTS: &[&str] = &[
     "task.panic",
     "participant.panic_on_input",
     "participant.fail_on_input",
+    // `consumer.stall=1*return(starve)` or `return(leave)`: a consumer that stops fetching or
+    // leaves its group, for the group watch to notice (see `consumer`).
+    "consumer.stall",
 ];
 
 /// Applies `FAILPOINTS` when it is set. A name that is not a crash point is an error, so a typo

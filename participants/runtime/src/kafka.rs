@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -64,12 +64,50 @@ pub struct LagContext {
     group: String,
     /// The partitions whose lag this member has reported.
     reported: Mutex<BTreeSet<(String, i32)>>,
+    /// What the last statistics report said of this member's place in its group.
+    report: Mutex<Option<GroupReport>>,
 }
 
 impl LagContext {
     fn new(group: &str) -> Self {
-        Self { group: group.to_owned(), reported: Mutex::new(BTreeSet::new()) }
+        Self { group: group.to_owned(), reported: Mutex::new(BTreeSet::new()), report: Mutex::new(None) }
     }
+
+    /// The last statistics report's view of this member in its group (none before the first).
+    pub fn group_report(&self) -> Option<GroupReport> {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn record_group_report(&self, statistics: &Statistics) {
+        let Some(cgrp) = &statistics.cgrp else { return };
+        let report = GroupReport {
+            state: format!("{}/{}", cgrp.state, cgrp.join_state),
+            in_group: cgrp.state == "up" && cgrp.join_state == "steady",
+            assigned: cgrp.assignment_size.max(0) as usize,
+            broker_up: statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP"),
+            at: Instant::now(),
+        };
+        let mut last = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_none_or(|l| l.state != report.state) {
+            tracing::debug!(group = %self.group, state = %report.state, assigned = report.assigned, "consumer group state");
+        }
+        *last = Some(report);
+    }
+}
+
+/// One statistics report's view of a consumer in its group (librdkafka's `cgrp` and partitions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReport {
+    /// librdkafka's group state and join state, e.g. `up/steady`.
+    pub state: String,
+    /// A member that takes part in its group: state `up`, join state `steady`.
+    pub in_group: bool,
+    /// Partitions assigned to this member.
+    pub assigned: usize,
+    /// Whether a connection to some broker is up.
+    pub broker_up: bool,
+    /// When the report arrived.
+    pub at: Instant,
 }
 
 /// One partition of a statistics report: topic, partition, assigned to this member (librdkafka's
@@ -115,6 +153,7 @@ fn lag_samples(report: Vec<PartitionReport>, reported: &mut BTreeSet<(String, i3
 
 impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
+        self.record_group_report(&statistics);
         let samples =
             lag_samples(partition_reports(&statistics), &mut self.reported.lock().unwrap_or_else(|e| e.into_inner()));
         for (topic, partition, lag) in samples {

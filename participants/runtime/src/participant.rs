@@ -432,7 +432,8 @@ pub async fn run<P: Participant>(
     .await?;
     let producer = crate::kafka::producer(&config.kafka, &format!("{name}-service"))?;
     let group = config.kafka_group_id.clone().unwrap_or_else(|| format!("{name}-service"));
-    let consumer = crate::kafka::consumer(&config.kafka, &group, &[topic])?;
+    let subscription = [topic];
+    let consumer = crate::kafka::consumer(&config.kafka, &group, &subscription)?;
     let shutdown = crate::shutdown::on_signal();
     let mut supervisor = crate::supervisor::Supervisor::new(shutdown.clone());
     let (handoff, handoffs) = if config.outbox.outbox_publish_on_commit {
@@ -465,8 +466,10 @@ pub async fn run<P: Participant>(
     };
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
+    let kafka = config.kafka.clone();
     supervisor.spawn("consumer", async move {
-        crate::consumer::run(&consumer, settings, &handler, consumer_shutdown).await;
+        let remake = || crate::kafka::consumer(&kafka, &group, &subscription);
+        crate::consumer::run(consumer, remake, settings, &handler, consumer_shutdown).await;
     });
 
     let readiness =

@@ -189,14 +189,18 @@ async fn consume(
     let mut idle_since = Some(Instant::now());
     loop {
         pauses.apply(consumer, handler.paused_topics().await);
-        if let Some(report) = consumer.context().group_report() {
+        let report = consumer.context().group_report();
+        if let Some(report) = &report {
             gauge!(IN_GROUP).set(if report.in_group { 1.0 } else { 0.0 });
-            if let Some(stall) = watch.observe(&report) {
+            if let Some(stall) = watch.observe(report) {
                 return Some(stall);
             }
         }
+        // Probed only as a member with a broker up: out of the group is the report's to judge,
+        // and a broker outage is librdkafka's to ride out.
         let now = Instant::now();
-        if watch.probe_due(now, idle_since) {
+        let member = report.as_ref().is_none_or(|r| r.in_group && r.broker_up);
+        if member && watch.probe_due(now, idle_since) {
             let waiting = blocking(|| waiting_partitions(consumer, &pauses.paused));
             if let Some(stall) = watch.observe_probe(now, idle_since, waiting) {
                 return Some(stall);
@@ -395,20 +399,26 @@ fn blocking<T>(call: impl FnOnce() -> T) -> T {
 }
 
 /// The assigned partitions, other than `paused`, whose high watermark on the broker is above the
-/// consumer's position (or, before it fetched any, the group's committed offset). A partition
-/// whose offsets cannot be read now is left out.
+/// consumer's position (or, before it fetched any, the group's committed offset). Bounded to
+/// [`PROBE_BUDGET`] in all, so that a broker that stops answering cannot hold up the consume
+/// loop (its shutdown, its pauses); what could not be read in time is left out.
 fn waiting_partitions(
     consumer: &crate::kafka::GroupConsumer,
     paused: &BTreeSet<(String, i32)>,
 ) -> BTreeSet<(String, i32)> {
-    const TIMEOUT: Duration = Duration::from_secs(2);
-    let Ok(positions) = consumer.position() else { return BTreeSet::new() };
-    let committed = consumer.committed(TIMEOUT).ok();
+    let deadline = Instant::now() + PROBE_BUDGET;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let mut waiting = BTreeSet::new();
+    let Ok(positions) = consumer.position() else { return waiting };
+    let fetched_none = positions.elements().iter().any(|e| !matches!(e.offset(), Offset::Offset(_)));
+    let committed = if fetched_none { consumer.committed(left()).ok() } else { None };
     for element in positions.elements() {
         let (topic, partition) = (element.topic(), element.partition());
         if paused.contains(&(topic.to_owned(), partition)) {
             continue;
+        }
+        if Instant::now() >= deadline {
+            break;
         }
         let position = match element.offset() {
             Offset::Offset(offset) => Some(offset),
@@ -417,13 +427,16 @@ fn waiting_partitions(
                 _ => None,
             }),
         };
-        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, TIMEOUT) else { continue };
+        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, left()) else { break };
         if high > position.unwrap_or(low).max(low) {
             waiting.insert((topic.to_owned(), partition));
         }
     }
     waiting
 }
+
+/// The most one probe of the partitions' offsets may take.
+const PROBE_BUDGET: Duration = Duration::from_secs(1);
 
 /// Seeks the partitions of `held` back to their first record, so that they are fetched again.
 /// False if a seek failed (the caller then applies them now; a record fetched twice is

@@ -51,7 +51,8 @@ struct Args {
     /// pgbench's clients.
     #[arg(long, default_value_t = 4)]
     pgbench_clients: u32,
-    /// Extra environment for every service, NAME=VALUE (e.g. LOG_LEVEL=warn), to measure a setting.
+    /// Extra environment for every service, NAME=VALUE (e.g. LOG_LEVEL=warn), or for one,
+    /// SERVICE:NAME=VALUE (e.g. orchestrator:CONSUMER_LANES=3), to measure a setting.
     #[arg(long = "env")]
     env: Vec<String>,
     /// Instead of the search: hold this many sagas in flight (the payment service stopped, every
@@ -505,8 +506,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut options = Options::default();
     for setting in &args.env {
-        let (name, value) = setting.split_once('=').context("--env takes NAME=VALUE")?;
-        for service in SERVICES {
+        let (name, value) = setting.split_once('=').context("--env takes NAME=VALUE or SERVICE:NAME=VALUE")?;
+        let (services, name) = match name.split_once(':') {
+            Some((service, name)) => {
+                let service = SERVICES
+                    .iter()
+                    .find(|s| **s == service)
+                    .with_context(|| format!("--env {setting}: {service} is not one of {SERVICES:?}"))?;
+                (vec![*service], name)
+            }
+            None => (SERVICES.to_vec(), name),
+        };
+        for service in services {
             options = options.env(service, name, value);
         }
     }

@@ -134,6 +134,33 @@ pub(crate) enum Started {
     Existing(Uuid),
 }
 
+/// A start request checked, with its first transition, ready for its row to be inserted (alone
+/// with [`store::insert`], or with the rest of a consumed batch with [`store::insert_many`]).
+pub(crate) struct PreparedStart<'r, 'e> {
+    request: &'r StartSagaRequest,
+    definition: &'e saga_defs::SagaDefinition,
+    hash: String,
+    clock: Clock,
+    transition: Transition,
+}
+
+impl PreparedStart<'_, '_> {
+    pub(crate) fn new_saga(&self) -> NewSaga<'_> {
+        NewSaga {
+            id: self.request.saga_id.as_uuid(),
+            saga_type: self.definition.name.as_str(),
+            definition_version: self.definition.version as i32,
+            idempotency_key: &self.request.idempotency_key,
+            request_hash: &self.hash,
+            business_key: self.request.business_key.as_deref(),
+            input: &self.request.input,
+            state: &self.transition.next,
+            step_name: self.definition.steps[0].name.as_str(),
+            now: self.clock.now,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApplyError {
     #[error(transparent)]
@@ -271,6 +298,13 @@ impl Engine {
         request: &StartSagaRequest,
         effects: &mut Effects,
     ) -> Result<Started, StartError> {
+        let prepared = self.prepare_start(request)?;
+        let inserted = store::insert(w.conn, prepared.new_saga()).await?;
+        self.finish_start(w, prepared, inserted, effects).await
+    }
+
+    /// The checks and the first transition of a start, before anything is written.
+    pub(crate) fn prepare_start<'r>(&self, request: &'r StartSagaRequest) -> Result<PreparedStart<'r, '_>, StartError> {
         let definition = self.registry.latest(request.saga_type.as_str()).ok_or_else(|| StartError::UnknownType {
             given: request.saga_type.to_string(),
             known: self.registry.all().map(|d| d.name.to_string()).collect::<Vec<_>>().join(", "),
@@ -286,24 +320,20 @@ impl Engine {
         let hash = request_hash(request.saga_type.as_str(), request.business_key.as_deref(), &request.input);
         let clock = clock();
         let transition = saga_defs::start(definition, clock);
+        Ok(PreparedStart { request, definition, hash, clock, transition })
+    }
+
+    /// Writes what a prepared start did once its row was inserted (`inserted`), or finds the
+    /// saga that already holds its idempotency key.
+    pub(crate) async fn finish_start(
+        &self,
+        w: &mut Writes<'_>,
+        prepared: PreparedStart<'_, '_>,
+        inserted: bool,
+        effects: &mut Effects,
+    ) -> Result<Started, StartError> {
+        let PreparedStart { request, definition, hash, clock, transition } = prepared;
         let id = request.saga_id.as_uuid();
-        let first = &definition.steps[0];
-        let inserted = store::insert(
-            w.conn,
-            NewSaga {
-                id,
-                saga_type: definition.name.as_str(),
-                definition_version: definition.version as i32,
-                idempotency_key: &request.idempotency_key,
-                request_hash: &hash,
-                business_key: request.business_key.as_deref(),
-                input: &request.input,
-                state: &transition.next,
-                step_name: first.name.as_str(),
-                now: clock.now,
-            },
-        )
-        .await?;
         if !inserted {
             let (existing, existing_hash) =
                 store::find_by_key(w.conn, definition.name.as_str(), &request.idempotency_key)

@@ -13,7 +13,8 @@ use saga_runtime::dead_letter::{self, Reason};
 use sqlx::PgPool;
 
 use crate::admission::Admission;
-use crate::engine::{ApplyError, Effects, Engine, StartError};
+use crate::engine::{ApplyError, Effects, Engine, PreparedStart, StartError};
+use crate::store::{self, NewSaga};
 use crate::writes::Writes;
 
 /// The name on the orchestrator's dead letters.
@@ -101,9 +102,21 @@ impl BatchHandler for Inbound {
             })
             .collect();
         writes.prefetch(&sagas).await?;
-        for (record, parsed) in records.iter().zip(parsed) {
+        // The batch's new sagas are inserted in one statement; what each start then writes
+        // joins the batch's other writes.
+        let mut starts: Vec<Option<Result<PreparedStart<'_, '_>, StartError>>> = parsed
+            .iter()
+            .map(|m| match m {
+                Ok(Message::Start(request)) => Some(self.engine.prepare_start(request)),
+                _ => None,
+            })
+            .collect();
+        let new_sagas: Vec<NewSaga<'_>> = starts.iter().flatten().flatten().map(PreparedStart::new_saga).collect();
+        let inserted = store::insert_many(writes.conn, &new_sagas).await?;
+        drop(new_sagas);
+        for ((record, parsed), start) in records.iter().zip(&parsed).zip(starts.iter_mut()) {
             let verdict = match parsed {
-                Ok(Message::Reply(reply)) => match self.engine.on_reply(&mut writes, &reply, &mut effects).await {
+                Ok(Message::Reply(reply)) => match self.engine.on_reply(&mut writes, reply, &mut effects).await {
                     Ok(verdict) => verdict,
                     // Found before anything was written for it: the saga is parked in this
                     // transaction, and the reply kept in the dead-letter topic for a replay once
@@ -115,24 +128,34 @@ impl BatchHandler for Inbound {
                     }
                     Err(error) => return Err(error.into()),
                 },
-                Ok(Message::Start(request)) => match self.engine.start(&mut writes, &request, &mut effects).await {
-                    Ok(_) => None,
-                    Err(StartError::Database(error)) => return Err(error.into()),
-                    Err(error) => {
-                        let label = match error {
-                            StartError::UnknownType { .. } => "unknown_saga_type",
-                            StartError::InputNotObject | StartError::Unstorable(_) => "invalid_input",
-                            _ => "idempotency_key_reused",
-                        };
-                        effects.start_refused(label);
-                        Some(Reason::new(label, error))
+                Ok(Message::Start(request)) => {
+                    let started = match start.take() {
+                        Some(Ok(prepared)) => {
+                            let was_inserted = inserted.contains(&request.saga_id.as_uuid());
+                            self.engine.finish_start(&mut writes, prepared, was_inserted, &mut effects).await
+                        }
+                        Some(Err(error)) => Err(error),
+                        None => unreachable!("every start request of the batch was prepared"),
+                    };
+                    match started {
+                        Ok(_) => None,
+                        Err(StartError::Database(error)) => return Err(error.into()),
+                        Err(error) => {
+                            let label = match error {
+                                StartError::UnknownType { .. } => "unknown_saga_type",
+                                StartError::InputNotObject | StartError::Unstorable(_) => "invalid_input",
+                                _ => "idempotency_key_reused",
+                            };
+                            effects.start_refused(label);
+                            Some(Reason::new(label, error))
+                        }
                     }
-                },
+                }
                 Err(reason) => {
                     if record.topic == self.replies_topic {
                         effects.ignored(reason.label);
                     }
-                    Some(reason)
+                    Some(reason.clone())
                 }
             };
             if let Some(reason) = verdict {

@@ -1,6 +1,8 @@
 //! SQL for saga instances, their attempts and history. Functions take a connection, so callers
 //! own the transaction; every value is a bound parameter.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use saga_defs::machine::{AttemptOutcome, FinishedAttempt, StepCommand};
 use saga_defs::messages::FailureInfo;
@@ -198,6 +200,56 @@ pub(crate) async fn insert(conn: &mut PgConnection, saga: NewSaga<'_>) -> sqlx::
     .execute(conn)
     .await?;
     Ok(inserted.rows_affected() == 1)
+}
+
+/// Inserts sagas in one statement, each unless one with its type and idempotency key exists
+/// (an earlier one of the same call included, as one at a time would); returns the ids inserted.
+pub(crate) async fn insert_many(conn: &mut PgConnection, sagas: &[NewSaga<'_>]) -> sqlx::Result<HashSet<Uuid>> {
+    if sagas.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let column = |f: &dyn Fn(&NewSaga<'_>) -> String| sagas.iter().map(f).collect::<Vec<String>>();
+    let ids: Vec<Uuid> = sagas.iter().map(|s| s.id).collect();
+    let versions: Vec<i32> = sagas.iter().map(|s| s.definition_version).collect();
+    let business_keys: Vec<Option<&str>> = sagas.iter().map(|s| s.business_key).collect();
+    let inputs: Vec<&Value> = sagas.iter().map(|s| s.input).collect();
+    let step_indexes: Vec<i32> = sagas.iter().map(|s| s.state.step_index as i32).collect();
+    let attempts: Vec<i32> = sagas.iter().map(|s| s.state.attempt as i32).collect();
+    let wake_ats: Vec<Option<DateTime<Utc>>> = sagas.iter().map(|s| s.state.wake_at()).collect();
+    let nows: Vec<DateTime<Utc>> = sagas.iter().map(|s| s.now).collect();
+    // In the order given, so that of two with one key the first is the one inserted.
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, business_key,
+             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, created_at, updated_at)
+         SELECT id, saga_type, definition_version, idempotency_key, request_hash, business_key,
+             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, at, at
+         FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
+                     $8::text[], $9::int4[], $10::text[], $11::text[], $12::int4[], $13::text[],
+                     $14::timestamptz[], $15::timestamptz[])
+             WITH ORDINALITY AS u(id, saga_type, definition_version, idempotency_key, request_hash, business_key,
+                 input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, at, n)
+         ORDER BY n
+         ON CONFLICT (saga_type, idempotency_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(column(&|s| s.saga_type.to_owned()))
+    .bind(&versions)
+    .bind(column(&|s| s.idempotency_key.to_owned()))
+    .bind(column(&|s| s.request_hash.to_owned()))
+    .bind(&business_keys)
+    .bind(&inputs)
+    .bind(column(&|s| s.state.status.as_str().to_owned()))
+    .bind(&step_indexes)
+    .bind(column(&|s| s.step_name.to_owned()))
+    .bind(column(&|s| s.state.kind.as_str().to_owned()))
+    .bind(&attempts)
+    .bind(column(&|s| waiting_label(&s.state.waiting).to_owned()))
+    .bind(&wake_ats)
+    .bind(&nows)
+    .fetch_all(conn)
+    .await?;
+    Ok(inserted.into_iter().collect())
 }
 
 /// The saga already registered under an idempotency key, with the hash of its request.
@@ -1155,6 +1207,66 @@ mod wakeup_tests {
 
         pool.close().await;
         drop(conn);
+        scratch::drop(&name).await;
+    }
+}
+
+/// Against the real Postgres: a batch's new sagas in one statement behave as one insert each.
+#[cfg(test)]
+mod insert_many_tests {
+    use chrono::SubsecRound;
+    use saga_defs::{SagaStatus, StepKind};
+
+    use super::*;
+
+    fn state() -> SagaState {
+        SagaState {
+            status: SagaStatus::Running,
+            step_index: 0,
+            kind: StepKind::Action,
+            attempt: 1,
+            first_attempt: 1,
+            // Microseconds, as Postgres keeps them.
+            waiting: Waiting::Reply { deadline: (Utc::now() + chrono::Duration::seconds(10)).trunc_subsecs(6) },
+            failure: None,
+            attention: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn of_two_with_one_key_the_first_is_inserted_and_an_existing_key_inserts_nothing() {
+        let (mut conn, name) = scratch::database("insert_many").await;
+        let (state, input, now) = (state(), serde_json::json!({"n": 1}), Utc::now());
+        let saga = |id: Uuid, key: &'static str, hash: &'static str| NewSaga {
+            id,
+            saga_type: "order-fulfilment",
+            definition_version: 1,
+            idempotency_key: key,
+            request_hash: hash,
+            business_key: Some("order:1"),
+            input: &input,
+            state: &state,
+            step_name: "verify_order",
+            now,
+        };
+        let (a, b, c, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        assert!(insert(&mut conn, saga(a, "key-a", "h1")).await.unwrap());
+        let inserted =
+            insert_many(&mut conn, &[saga(b, "key-b", "h2"), saga(c, "key-b", "h3"), saga(d, "key-a", "h4")])
+                .await
+                .unwrap();
+        assert_eq!(inserted, HashSet::from([b]), "b first with key-b; key-a was taken before");
+        assert_eq!(find_by_key(&mut conn, "order-fulfilment", "key-b").await.unwrap(), Some((b, "h2".to_owned())));
+        let row: (String, i32, String, Option<DateTime<Utc>>) =
+            sqlx::query_as("SELECT status, attempt, waiting, wake_at FROM saga_instances WHERE id = $1")
+                .bind(b)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(row, ("RUNNING".to_owned(), 1, "REPLY".to_owned(), state.wake_at()));
+        let wakeups: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_wakeups").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(wakeups, 2, "the wake-ups' trigger saw both");
+        assert!(insert_many(&mut conn, &[]).await.unwrap().is_empty());
         scratch::drop(&name).await;
     }
 }

@@ -686,6 +686,16 @@ async fn sagactl_lists_shows_counts_aborts_and_audits_with_exit_codes_scripts_ca
     assert_eq!(code, 0);
     let page: Value = serde_json::from_str(&out)?;
     assert_eq!(ids(&page), vec![saga.clone()]);
+    // The alerts' forms: what changed in the last hour, what has been running for a while.
+    let (code, out, _) =
+        system.sagactl(admin, &["--output", "json", "list", "--status", "RUNNING", "--since", "1h"]).await?;
+    assert_eq!((code, ids(&serde_json::from_str(&out)?)), (0, vec![saga.clone()]));
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (code, out, _) =
+        system.sagactl(admin, &["--output", "json", "list", "--status", "RUNNING", "--since", "1s"]).await?;
+    assert_eq!((code, ids(&serde_json::from_str(&out)?)), (0, Vec::<String>::new()), "not changed in the last second");
+    let (code, out, _) = system.sagactl(admin, &["--output", "json", "list", "--stuck", "1h"]).await?;
+    assert_eq!((code, ids(&serde_json::from_str(&out)?)), (0, Vec::<String>::new()), "started a moment ago");
     let (code, out, _) = system.sagactl(admin, &["show", &saga]).await?;
     assert_eq!(code, 0);
     assert!(out.contains("reserve_inventory") && out.contains("History") && out.contains("PENDING"), "{out}");

@@ -71,13 +71,17 @@ struct Filter {
     #[arg(long)]
     created_before: Option<String>,
     /// Changed at or after (RFC 3339).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "since")]
     updated_after: Option<String>,
+    /// Changed within this long back from now (e.g. 15m, 1h, 7d): with --status FAILED, what
+    /// failed in the last hour.
+    #[arg(long, value_parser = parse_since)]
+    since: Option<Duration>,
     /// Changed before (RFC 3339).
     #[arg(long)]
     updated_before: Option<String>,
     /// Not finished and started longer ago than this (e.g. 15m, 2h).
-    #[arg(long)]
+    #[arg(long, visible_alias = "stuck")]
     stuck_for: Option<String>,
     /// Not finished and past its step deadline.
     #[arg(long)]
@@ -102,6 +106,10 @@ impl Filter {
             ("stuck_for", &self.stuck_for),
         ];
         pairs.extend(optional.into_iter().filter_map(|(name, value)| value.clone().map(|v| (name, v))));
+        if let Some(since) = self.since {
+            let after = chrono::Utc::now() - chrono::Duration::from_std(since).unwrap_or(chrono::Duration::MAX);
+            pairs.push(("updated_after", after.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+        }
         if self.past_deadline {
             pairs.push(("past_deadline", "true".to_owned()));
         }
@@ -120,6 +128,14 @@ impl Filter {
         }
         Value::Object(object)
     }
+}
+
+/// A duration back from now, such as 90s, 15m, 1h or 7d.
+fn parse_since(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(366 * 86_400))
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 15m, 1h or 7d (at most 366 days)"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -660,5 +676,88 @@ async fn main() -> ExitCode {
             eprintln!("sagactl: {}", failure.message);
             ExitCode::from(failure.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `sagactl ...` command in `text`, as the words a shell would pass: up to an unquoted
+    /// `;`, `,`, the end of the YAML string, or a full stop that ends a sentence. Alert
+    /// templates (`{{ $labels.topic }}`) stand for a word; `<id>` for a saga id.
+    fn commands(text: &str) -> Vec<Vec<String>> {
+        let text = text.replace("<id>", "01a22f16-47d9-7324-82da-8da1f19a77a3");
+        let mut text = text.as_str().to_owned();
+        while let (Some(start), Some(end)) = (text.find("{{"), text.find("}}")) {
+            text.replace_range(start..end + 2, "x");
+        }
+        let mut found = Vec::new();
+        for (at, _) in text.match_indices("sagactl ") {
+            let rest: Vec<char> = text[at..].chars().collect();
+            let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
+            for (i, c) in rest.iter().copied().enumerate() {
+                let ends_sentence = c == '.' && rest.get(i + 1).is_none_or(|n| n.is_whitespace() || *n == '"');
+                match c {
+                    '\'' => quoted = !quoted,
+                    _ if quoted => word.push(c),
+                    ';' | ',' | '"' | '\n' => break,
+                    _ if ends_sentence => break,
+                    c if c.is_whitespace() => {
+                        if !word.is_empty() {
+                            words.push(std::mem::take(&mut word));
+                        }
+                    }
+                    c => word.push(c),
+                }
+            }
+            if !word.is_empty() {
+                words.push(word);
+            }
+            found.push(words);
+        }
+        found
+    }
+
+    #[test]
+    fn every_sagactl_command_the_alerts_name_is_one_sagactl_accepts() {
+        let rules = include_str!("../../../k8s/prometheus-rules.yaml");
+        let commands = commands(rules);
+        assert!(commands.len() >= 5, "the alerts name sagactl commands: {commands:?}");
+        for words in commands {
+            if let Err(error) = Cli::try_parse_from(&words) {
+                panic!("an alert tells on-call to run {:?}, which sagactl refuses:\n{error}", words.join(" "));
+            }
+        }
+    }
+
+    #[test]
+    fn the_words_of_a_command_in_prose_are_found() {
+        let prose = "Which step: sagactl list --status FAILED --since 1h; sagactl stats. Then sagactl retry <id> \
+                     --reason 'fixed it.'. And sagactl dlq list --topic {{ $labels.topic }}, once.";
+        assert_eq!(
+            commands(prose),
+            vec![
+                vec!["sagactl", "list", "--status", "FAILED", "--since", "1h"],
+                vec!["sagactl", "stats"],
+                vec!["sagactl", "retry", "01a22f16-47d9-7324-82da-8da1f19a77a3", "--reason", "fixed it."],
+                vec!["sagactl", "dlq", "list", "--topic", "x"],
+            ]
+        );
+    }
+
+    #[test]
+    fn since_asks_for_what_changed_within_that_long() {
+        let cli = Cli::try_parse_from(["sagactl", "list", "--status", "FAILED", "--since", "1h"]).unwrap();
+        let Command::List { filter, .. } = cli.command else { panic!("list") };
+        let pairs = filter.pairs();
+        let after = pairs.iter().find(|(name, _)| *name == "updated_after").expect("updated_after").1.clone();
+        let after = chrono::DateTime::parse_from_rfc3339(&after).unwrap();
+        let ago = chrono::Utc::now().signed_duration_since(after);
+        assert!((3595..=3605).contains(&ago.num_seconds()), "{ago:?}");
+        assert!(Cli::try_parse_from(["sagactl", "list", "--since", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["sagactl", "list", "--since", "1h", "--updated-after", "2026-01-01T00:00:00Z"])
+            .is_err());
+        assert!(Cli::try_parse_from(["sagactl", "list", "--stuck", "10m"]).is_ok());
     }
 }

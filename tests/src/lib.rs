@@ -443,6 +443,10 @@ impl System {
             .env("KAFKA_TOPIC_PREFIX", topic_prefix)
             .env("KAFKA_GROUP_ID", group)
             .env("KAFKA_CONSUMER_PROPERTIES", consumer_properties())
+            // A consumer that librdkafka leaves stuck is replaced within the tests' waits (three
+            // of their 6 s sessions), and every test then also checks the watch never replaces a
+            // healthy one (a replacement is logged as an ERROR).
+            .env("CONSUMER_STALL_TIMEOUT_MS", "20000")
             .env("HTTP_ADDR", format!("127.0.0.1:{}", process.http_port))
             .env("METRICS_ADDR", format!("127.0.0.1:{}", process.metrics_port))
             .env("LOG_FORMAT", "text")

@@ -306,9 +306,18 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_its_retries() -> an
 /// The broker stopped (SIGSTOP) for 10 s under load, longer than the consumers' 6 s sessions:
 /// when it comes back every member of every group has expired and rejoins. Meanwhile orders are
 /// still accepted, /ready says why it is not ready, and the backlog drains when the broker is back.
+///
+/// The node's own registration outlives the pause (`broker.session.timeout.ms`, 3 s on the local
+/// broker so that a restart after SIGKILL is quick): otherwise the controller in the same stopped
+/// JVM fences its own broker the moment it resumes. In 2 of about 20 runs that left the node
+/// answering no client for minutes after its unfencing (partitions re-elected "using ELR",
+/// every client request timing out while the controller ran on), which is a single-node artifact,
+/// not the scenario: a cluster moves a stopped broker's partitions to the others.
 #[tokio::test]
 async fn broker_paused_longer_than_the_session_timeout_under_load() -> anyhow::Result<()> {
-    let system = start(Options::default().private_broker()).await?;
+    let mut options = Options::default().private_broker();
+    options.broker_properties.push("broker.session.timeout.ms=30000".to_owned());
+    let system = start(options).await?;
     let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
     let pause = async {
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -112,7 +112,7 @@ impl BatchHandler for Inbound {
             })
             .collect();
         let new_sagas: Vec<NewSaga<'_>> = starts.iter().flatten().flatten().map(PreparedStart::new_saga).collect();
-        let inserted = store::insert_many(writes.conn, &new_sagas).await?;
+        let mut inserted = store::insert_many(writes.conn, &new_sagas).await?;
         drop(new_sagas);
         for ((record, parsed), start) in records.iter().zip(&parsed).zip(starts.iter_mut()) {
             let verdict = match parsed {
@@ -131,7 +131,9 @@ impl BatchHandler for Inbound {
                 Ok(Message::Start(request)) => {
                     let started = match start.take() {
                         Some(Ok(prepared)) => {
-                            let was_inserted = inserted.contains(&request.saga_id.as_uuid());
+                            // Taken by the first start of the id: the same request delivered
+                            // twice in one batch then finds its saga, as one insert each would.
+                            let was_inserted = inserted.remove(&request.saga_id.as_uuid());
                             self.engine.finish_start(&mut writes, prepared, was_inserted, &mut effects).await
                         }
                         Some(Err(error)) => Err(error),
@@ -195,5 +197,63 @@ impl BatchHandler for Inbound {
         } else {
             Vec::new()
         }
+    }
+}
+
+/// Against the real Postgres (`TEST_POSTGRES_URL`, default the local server).
+#[cfg(test)]
+mod tests {
+    use saga_defs::contract::{HEADER_MESSAGE_TYPE, HEADER_SCHEMA_VERSION, MESSAGE_TYPE_START, SCHEMA_VERSION};
+    use saga_defs::Registry;
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::scratch;
+
+    /// An outbox publisher redelivers what it published before a crash, so the same start request
+    /// can arrive twice in one consumed batch.
+    #[tokio::test]
+    async fn a_start_request_delivered_twice_in_one_batch_starts_one_saga_in_one_pass() {
+        let (_, name) = scratch::database("inbound_twice").await;
+        let pool = PgPool::connect(&scratch::url(&name)).await.unwrap();
+        let mut outbox = saga_runtime::db::outbox_migrations();
+        outbox.set_ignore_missing(true);
+        outbox.run(&pool).await.unwrap();
+        let registry = Arc::new(Registry::embedded().unwrap());
+        let types: Vec<String> = registry.all().map(|d| d.name.to_string()).collect();
+        let inbound = Inbound {
+            pool: pool.clone(),
+            engine: Arc::new(Engine::new(registry.clone(), String::new())),
+            replies_topic: "saga-replies".into(),
+            start_topic: "saga-start-requests".into(),
+            admission: Arc::new(Admission::new(crate::admission::parse_limits("500").unwrap(), types)),
+            handoff: None,
+        };
+        let saga_id = uuid::Uuid::now_v7();
+        let request = json!({"schema_version": SCHEMA_VERSION, "saga_id": saga_id, "saga_type": "order-fulfilment",
+            "idempotency_key": "order-1", "business_key": "order-1",
+            "input": {"order_id": uuid::Uuid::now_v7(), "items": [{"sku": "A", "quantity": 1}],
+                      "total_cents": 100, "currency": "USD", "payment_token": "tok_visa"}});
+        let record = |offset: i64| Record {
+            topic: "saga-start-requests".into(),
+            partition: 0,
+            offset,
+            key: Some(saga_id.to_string()),
+            payload: Some(serde_json::to_vec(&request).unwrap()),
+            headers: vec![
+                (HEADER_MESSAGE_TYPE.into(), MESSAGE_TYPE_START.as_bytes().to_vec()),
+                (HEADER_SCHEMA_VERSION.into(), SCHEMA_VERSION.to_string().into_bytes()),
+            ],
+        };
+        inbound.handle(&[record(7), record(8)]).await.expect("the batch applies in one pass");
+        let count = |sql: &'static str| {
+            let pool = pool.clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).bind(saga_id).fetch_one(&pool).await.unwrap() }
+        };
+        assert_eq!(count("SELECT count(*) FROM saga_instances WHERE id = $1").await, 1);
+        assert_eq!(count("SELECT count(*) FROM saga_history WHERE saga_id = $1").await, 1);
+        assert_eq!(count("SELECT count(*) FROM saga_step_attempts WHERE saga_id = $1").await, 1);
+        pool.close().await;
+        scratch::drop(&name).await;
     }
 }

@@ -106,8 +106,10 @@ impl Filter {
             ("stuck_for", &self.stuck_for),
         ];
         pairs.extend(optional.into_iter().filter_map(|(name, value)| value.clone().map(|v| (name, v))));
-        if let Some(since) = self.since {
-            let after = chrono::Utc::now() - chrono::Duration::from_std(since).unwrap_or(chrono::Duration::MAX);
+        // `parse_since` bounds it to a year, so the subtraction cannot overflow.
+        let after =
+            self.since.and_then(|since| chrono::Utc::now().checked_sub_signed(chrono::Duration::from_std(since).ok()?));
+        if let Some(after) = after {
             pairs.push(("updated_after", after.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
         }
         if self.past_deadline {

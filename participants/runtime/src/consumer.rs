@@ -139,28 +139,28 @@ pub(crate) fn describe_metrics() {
 /// Runs until `shutdown` is cancelled, then commits the stored offsets. A consumer that stalls
 /// ([`GroupWatch`]) is replaced by one from `remake`, which joins the group afresh.
 pub async fn run(
-    consumer: crate::kafka::GroupConsumer,
+    mut consumer: crate::kafka::GroupConsumer,
     remake: impl Fn() -> rdkafka::error::KafkaResult<crate::kafka::GroupConsumer>,
     settings: Settings,
     handler: &impl BatchHandler,
     shutdown: CancellationToken,
 ) {
-    let mut consumer = consumer;
     loop {
-        let stall = consume(&consumer, settings, handler, &shutdown).await;
-        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing to commit is reported as an error too.
-            tracing::debug!(%error, "final offset commit");
-        }
-        let Some(stall) = stall else { return };
+        let Some(stall) = consume(&consumer, settings, handler, &shutdown).await else {
+            final_commit(&consumer);
+            return;
+        };
         counter!(REJOINS, "reason" => stall.kind()).increment(1);
         tracing::error!(
             reason = %stall,
             "the consumer stalled; replacing it with a new one that joins its group afresh"
         );
-        // Closing leaves the group, which may wait on a coordinator that does not answer: the
-        // old consumer is closed on a thread of its own while the new one joins.
-        std::thread::spawn(move || drop(consumer));
+        // Committing and closing (which leaves the group) may wait on a coordinator that does
+        // not answer: the old consumer does both on a thread of its own while the new one joins.
+        std::thread::spawn(move || {
+            final_commit(&consumer);
+            drop(consumer);
+        });
         consumer = loop {
             match remake() {
                 Ok(consumer) => break consumer,
@@ -173,6 +173,14 @@ pub async fn run(
                 }
             }
         };
+    }
+}
+
+/// Commits the offsets stored since the last automatic commit.
+fn final_commit(consumer: &crate::kafka::GroupConsumer) {
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing to commit is reported as an error too.
+        tracing::debug!(%error, "final offset commit");
     }
 }
 
@@ -373,16 +381,15 @@ impl GroupWatch {
             return None;
         };
         if let Some((at, before)) = &self.suspect {
-            // Still idle since before the first finding, and still waiting one probe later.
+            // Still idle since before the first finding, and still waiting: a stall once a whole
+            // probe interval has passed since that finding.
             let still: Vec<(String, i32)> = waiting.intersection(before).cloned().collect();
-            if idle <= *at && !still.is_empty() && now.saturating_duration_since(*at) >= self.probe_every() {
-                return Some(Stall::Starved {
+            if idle <= *at && !still.is_empty() {
+                let stalled = now.saturating_duration_since(*at) >= self.probe_every();
+                return stalled.then(|| Stall::Starved {
                     partitions: still,
                     for_seconds: now.saturating_duration_since(idle).as_secs(),
                 });
-            }
-            if idle <= *at && !still.is_empty() {
-                return None;
             }
         }
         self.suspect = (!waiting.is_empty()).then_some((now, waiting));

@@ -95,7 +95,7 @@ impl LagContext {
     }
 }
 
-/// One statistics report's view of a consumer in its group (librdkafka's `cgrp` and partitions).
+/// One statistics report's view of a consumer in its group (librdkafka's `cgrp` and brokers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupReport {
     /// librdkafka's group state and join state, e.g. `up/steady`.

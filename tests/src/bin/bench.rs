@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     pgbench_clients: u32,
     /// Extra environment for every service, NAME=VALUE (e.g. LOG_LEVEL=warn), or for one,
-    /// SERVICE:NAME=VALUE (e.g. orchestrator:CONSUMER_LANES=3), to measure a setting.
+    /// SERVICE:NAME=VALUE (e.g. orchestrator:KAFKA_BATCH_SIZE=500), to measure a setting.
     #[arg(long = "env")]
     env: Vec<String>,
     /// Instead of the search: hold this many sagas in flight (the payment service stopped, every

@@ -105,3 +105,46 @@ ensure_broker() {
   echo "Apache Kafka did not start within 120 s; see $log" >&2
   return 1
 }
+
+# promtool, from Debian's `prometheus` package, unpacked into the cache rather than installed
+# (installing it would start a Prometheus server on :9090, the orchestrator's metrics port).
+PROMTOOL_VERSION="${PROMTOOL_VERSION:-2.42.0+ds-5+deb12u1}"
+ensure_promtool() {
+  if command -v promtool >/dev/null 2>&1; then
+    PROMTOOL="$(command -v promtool)"
+    return 0
+  fi
+  local dir="$HOME/.cache/saga-orchestrator/promtool-$PROMTOOL_VERSION"
+  PROMTOOL="$dir/usr/bin/promtool"
+  [[ -x "$PROMTOOL" ]] && return 0
+  say "Fetching promtool from Debian's prometheus $PROMTOOL_VERSION (once)"
+  local tmp
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download "prometheus=$PROMTOOL_VERSION" >/dev/null 2>&1); then
+    apt-get update -qq >&2
+    (cd "$tmp" && apt-get download "prometheus=$PROMTOOL_VERSION" >/dev/null 2>&1) ||
+      (cd "$tmp" && apt-get download prometheus >/dev/null)
+  fi
+  mkdir -p "$dir"
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$dir"
+  rm -rf "$tmp"
+  [[ -x "$PROMTOOL" ]]
+}
+
+# A virtualenv with the Python tools the deployment checks use (PyPI).
+DEPLOY_VENV="$HOME/.cache/saga-orchestrator/deploy-venv"
+DEPLOY_PYTHON_PACKAGES=(pyyaml==6.0.2)
+ensure_deploy_venv() {
+  local stamp="$DEPLOY_VENV/.packages"
+  if [[ -x "$DEPLOY_VENV/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "${DEPLOY_PYTHON_PACKAGES[*]}" ]]; then
+    return 0
+  fi
+  say "Installing ${DEPLOY_PYTHON_PACKAGES[*]} from PyPI into $DEPLOY_VENV (once)"
+  if ! python3 -m venv "$DEPLOY_VENV" >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 && apt-get install -y -qq python3-venv >&2
+    python3 -m venv "$DEPLOY_VENV"
+  fi
+  "$DEPLOY_VENV/bin/pip" install -q "${DEPLOY_PYTHON_PACKAGES[@]}" >&2
+  echo "${DEPLOY_PYTHON_PACKAGES[*]}" >"$stamp"
+}

@@ -86,7 +86,8 @@ pub(crate) struct Config {
 pub(crate) enum Command {
     /// Run the orchestrator (the default).
     Serve,
-    /// Create the database if needed, apply migrations and exit.
+    /// Create the database if it does not exist, apply every migration and exit, whatever
+    /// `DATABASE_MIGRATE` says (a Kubernetes Job before a rollout).
     Migrate,
     /// Create the Kafka topics of every loaded saga definition and exit.
     CreateTopics,

@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let result = match config.command {
         None | Some(Command::Serve) => serve(config, registry).await,
         Some(Command::Migrate) => {
-            db::connect(&config.database, migrations()).await?;
+            db::migrate(&config.database, migrations()).await?;
             tracing::info!("migrations applied");
             Ok(())
         }

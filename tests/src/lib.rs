@@ -93,6 +93,12 @@ fn default_postgres() -> (String, String) {
     }
 }
 
+/// The URL of the database `name` on the server of `TEST_POSTGRES_URL`.
+pub fn postgres_url(name: &str) -> String {
+    let (base, query) = default_postgres();
+    format!("{base}/{name}{query}")
+}
+
 fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }

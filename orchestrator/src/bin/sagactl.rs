@@ -723,7 +723,7 @@ mod tests {
 
     #[test]
     fn every_sagactl_command_the_alerts_name_is_one_sagactl_accepts() {
-        let rules = include_str!("../../../k8s/prometheus-rules.yaml");
+        let rules = include_str!("../../../k8s/components/monitoring/prometheus-rules.yaml");
         let commands = commands(rules);
         assert!(commands.len() >= 5, "the alerts name sagactl commands: {commands:?}");
         for words in commands {

@@ -1,0 +1,148 @@
+"""What every rendered overlay of k8s/ must hold, beyond the schemas (scripts/check-deploy):
+pods locked down, probes that fit /ready, one migration Job per service and no migrating
+replica, a disruption budget per Deployment, no replica count fighting an autoscaler, every
+service scraped, and topic declarations that match what the services would create.
+
+Usage: policy.py RENDERED.yaml DEFINITIONS_DIR
+"""
+
+import json
+import pathlib
+import re
+import sys
+
+import yaml
+
+PART_OF = "app.kubernetes.io/part-of"
+# /ready checks Postgres, then Kafka, each bounded to 2 s (participants/runtime/src/health.rs).
+READY_WORST_SECONDS = 4
+
+problems = []
+
+
+def problem(what):
+    problems.append(what)
+
+
+def ours(doc):
+    return doc.get("metadata", {}).get("labels", {}).get(PART_OF) == "order-saga"
+
+
+def check_pod(where, spec):
+    if spec.get("automountServiceAccountToken") is not False:
+        problem(f"{where}: mounts a service account token")
+    if spec.get("serviceAccountName", "default") == "default":
+        problem(f"{where}: runs as the default ServiceAccount")
+    pod = spec.get("securityContext", {})
+    if pod.get("runAsNonRoot") is not True:
+        problem(f"{where}: runAsNonRoot is not set")
+    if not isinstance(pod.get("runAsUser"), int) or pod["runAsUser"] == 0:
+        problem(f"{where}: no numeric non-root runAsUser")
+    if pod.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        problem(f"{where}: seccomp profile is not RuntimeDefault")
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        name = f"{where} container {c['name']}"
+        sc = c.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problem(f"{name}: privilege escalation allowed")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problem(f"{name}: root filesystem writable")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            problem(f"{name}: capabilities not all dropped")
+        resources = c.get("resources", {})
+        if "memory" not in resources.get("limits", {}) or "cpu" not in resources.get("requests", {}):
+            problem(f"{name}: no memory limit or cpu request")
+
+
+def main(rendered, definitions):
+    docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    deployments = [d for d in by_kind.get("Deployment", []) if ours(d)]
+    jobs = [d for d in by_kind.get("Job", []) if ours(d)]
+    if len(deployments) < 5:
+        problem(f"only {len(deployments)} Deployments of the order saga")
+
+    config = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "saga-config")["data"]
+    if config.get("DATABASE_MIGRATE") != "false":
+        problem("saga-config: replicas migrate at start-up (DATABASE_MIGRATE is not false)")
+
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind.get("HorizontalPodAutoscaler", [])}
+    budgets = by_kind.get("PodDisruptionBudget", [])
+    services = [s for s in by_kind.get("Service", []) if ours(s)]
+    for d in deployments:
+        name = d["metadata"]["name"]
+        where = f"Deployment {name}"
+        spec = d["spec"]["template"]["spec"]
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        check_pod(where, spec)
+        container = spec["containers"][0]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if probe not in container:
+                problem(f"{where}: no {probe}")
+        ready = container.get("readinessProbe", {})
+        if ready.get("httpGet", {}).get("path") != "/ready" or ready.get("timeoutSeconds", 1) <= READY_WORST_SECONDS:
+            problem(f"{where}: the readiness probe is not /ready with a timeout above {READY_WORST_SECONDS} s")
+        if name in scaled and "replicas" in d["spec"]:
+            problem(f"{where}: sets replicas while an autoscaler owns them")
+        if not any(
+            all(labels.get(k) == v for k, v in b["spec"]["selector"]["matchLabels"].items()) for b in budgets
+        ):
+            problem(f"{where}: no PodDisruptionBudget")
+        if not any(
+            j["spec"]["template"]["spec"]["containers"][0].get("command") == container.get("command")
+            and j["spec"]["template"]["spec"]["containers"][0].get("args") == ["migrate"]
+            and j["spec"]["template"]["spec"]["containers"][0].get("image") == container.get("image")
+            for j in jobs
+        ):
+            problem(f"{where}: no migration Job running its binary's migrate with its image")
+        if not any(
+            all(labels.get(k) == v for k, v in s["spec"]["selector"].items())
+            and any(p["name"] == "metrics" for p in s["spec"]["ports"])
+            for s in services
+        ):
+            problem(f"{where}: no Service with a metrics port labelled {PART_OF}")
+    for j in jobs:
+        check_pod(f"Job {j['metadata']['name']}", j["spec"]["template"]["spec"])
+
+    for monitor in by_kind.get("ServiceMonitor", []):
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        unwatched = [
+            s["metadata"]["name"]
+            for s in services
+            if not all(s["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+        ]
+        if unwatched:
+            problem(f"ServiceMonitor {monitor['metadata']['name']} does not select {unwatched}")
+
+    topics = by_kind.get("KafkaTopic", [])
+    if topics:
+        participants = set()
+        for path in pathlib.Path(definitions).glob("*.json"):
+            for step in json.load(open(path))["steps"]:
+                participants.add(step["participant"])
+        consumed = [f"{p}-commands" for p in sorted(participants)] + ["saga-replies", "saga-start-requests"]
+        wanted = set(consumed) | {f"{t}.dlq" for t in consumed} | {"saga-events"}
+        declared = {t["spec"].get("topicName", t["metadata"]["name"]): t for t in topics}
+        if set(declared) != wanted:
+            problem(f"KafkaTopics: missing {sorted(wanted - set(declared))}, extra {sorted(set(declared) - wanted)}")
+        days = re.fullmatch(r"(\d+)d", config.get("KAFKA_DEAD_LETTER_RETENTION", "14d"))
+        dlq_ms = str(int(days.group(1)) * 86_400_000) if days else None
+        for name, t in declared.items():
+            spec = t["spec"]
+            if str(spec.get("partitions")) != config["KAFKA_TOPIC_PARTITIONS"]:
+                problem(f"KafkaTopic {name}: {spec.get('partitions')} partitions, saga-config says {config['KAFKA_TOPIC_PARTITIONS']}")
+            if str(spec.get("replicas")) != config["KAFKA_TOPIC_REPLICATION"]:
+                problem(f"KafkaTopic {name}: {spec.get('replicas')} replicas, saga-config says {config['KAFKA_TOPIC_REPLICATION']}")
+            if name.endswith(".dlq") and spec.get("config", {}).get("retention.ms") != dlq_ms:
+                problem(f"KafkaTopic {name}: retention.ms is not KAFKA_DEAD_LETTER_RETENTION ({dlq_ms})")
+
+    for p in problems:
+        print(f"FAIL {rendered}: {p}", file=sys.stderr)
+    print(f"{rendered}: {len(deployments)} Deployments, {len(jobs)} Jobs, {len(topics)} topics; {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

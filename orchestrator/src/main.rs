@@ -30,11 +30,12 @@ fn orchestrator_migrations() -> sqlx::migrate::Migrator {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let command = Config::command().mut_arg("database_url", |a| {
+    let command = saga_runtime::config::with_runbook_aliases(Config::command()).mut_arg("database_url", |a| {
         a.default_value("postgres://postgres@127.0.0.1:5432/saga_orchestrator").required(false)
     });
     let config = Config::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     telemetry::init_logs(&config.telemetry);
+    saga_runtime::config::log_runbook_aliases();
     saga_runtime::faults::setup()?;
     let registry = Arc::new(load_definitions(config.definitions_dir.as_deref())?);
     let result = match config.command {
@@ -102,6 +103,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
         tokens => tracing::info!(?tokens, "API tokens loaded"),
     }
     telemetry::serve_metrics(config.metrics_addr)?;
+    let profiles = telemetry::bind_profiles(config.telemetry.profile_addr.0).await?;
     crate::metrics::describe();
     stats::describe();
     crate::metrics::register_saga_types(registry.all().map(|d| d.name.to_string()));
@@ -120,6 +122,9 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let engine = Arc::new(engine::Engine::new(registry.clone(), config.kafka.kafka_topic_prefix.clone()));
     let shutdown = shutdown::on_signal();
     let mut supervisor = supervisor::Supervisor::new(shutdown.clone());
+    if let Some(listener) = profiles {
+        supervisor.spawn("heap-profile", telemetry::serve_profiles(listener, shutdown.clone()));
+    }
     let (handoff, handoffs) = if config.outbox.outbox_publish_on_commit {
         let (handoff, handoffs) = outbox::Handoff::channel();
         (Some(handoff), Some(handoffs))

@@ -455,6 +455,8 @@ impl System {
             .env("CONSUMER_STALL_TIMEOUT_MS", "20000")
             .env("HTTP_ADDR", format!("127.0.0.1:{}", process.http_port))
             .env("METRICS_ADDR", format!("127.0.0.1:{}", process.metrics_port))
+            // Many systems run side by side: no service may take the default 606x port.
+            .env("PROFILE_ADDR", format!("127.0.0.1:{}", free_port()))
             .env("LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
             .env("API_TOKENS", format!("admin:admin:{ADMIN_TOKEN},reader:read:{READ_TOKEN}"))

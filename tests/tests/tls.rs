@@ -214,6 +214,7 @@ async fn run_service(service: &str, args: &[&str], env: &[(&str, String)]) -> an
         .args(args)
         .env("HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("PROFILE_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("LOG_FORMAT", "text")
         .env("NO_COLOR", "1")
         .env("AUTH_DISABLED", "true")

@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         about: "Fulfilment service: the order saga's `fulfilment` participant",
         http_addr: "0.0.0.0:8084",
         metrics_addr: "0.0.0.0:9104",
+        profile_addr: "127.0.0.1:6064",
         database_url: "postgres://postgres@127.0.0.1:5432/saga_fulfilment",
     });
     runtime::run(

@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         about: "Inventory service: the order saga's `inventory` participant",
         http_addr: "0.0.0.0:8082",
         metrics_addr: "0.0.0.0:9102",
+        profile_addr: "127.0.0.1:6062",
         database_url: "postgres://postgres@127.0.0.1:5432/saga_inventory",
     });
     runtime::run(|_| participant::Inventory, config, sqlx::migrate!("../../migrations/inventory"), http::api).await

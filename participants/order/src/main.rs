@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
         about: "Order service: takes orders and is the order saga's `order` participant",
         http_addr: "0.0.0.0:8081",
         metrics_addr: "0.0.0.0:9101",
+        profile_addr: "127.0.0.1:6061",
         database_url: "postgres://postgres@127.0.0.1:5432/saga_order",
     });
     runtime::run(|_| participant::Orders, config, sqlx::migrate!("../../migrations/order"), http::api).await

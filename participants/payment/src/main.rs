@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
         about: "Payment service: the order saga's `payment` participant, with a simulated gateway",
         http_addr: "0.0.0.0:8083",
         metrics_addr: "0.0.0.0:9103",
+        profile_addr: "127.0.0.1:6063",
         database_url: "postgres://postgres@127.0.0.1:5432/saga_payment",
     });
     runtime::run(

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
@@ -16,9 +17,13 @@ pub struct DatabaseConfig {
     /// Its password is never logged or shown.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
     pub database_url: SecretString,
-    /// Largest number of pooled connections.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    /// Largest number of pooled connections (runbook 004's `DB_MAX_OPEN_CONNS` is read as this).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub database_max_connections: u32,
+    /// Connections the pool keeps open while idle, at most `DATABASE_MAX_CONNECTIONS` (runbook
+    /// 004's `DB_MAX_IDLE_CONNS` is read as this).
+    #[arg(long, env = "DATABASE_MIN_CONNECTIONS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub database_min_connections: u32,
     /// Create the database if it does not exist and apply migrations at start-up.
     #[arg(long, env = "DATABASE_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub database_migrate: bool,
@@ -66,8 +71,13 @@ pub struct KafkaConfig {
     #[arg(long, env = "KAFKA_DEAD_LETTER_RETENTION", default_value = "14d", value_parser = crate::retention::parse_keep)]
     pub kafka_dead_letter_retention: crate::retention::Keep,
     /// Most messages consumed and applied in one database transaction.
-    #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = 200)]
+    #[arg(long, env = "KAFKA_BATCH_SIZE", default_value_t = 200, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     pub kafka_batch_size: usize,
+    /// How long a consumer waits for a batch to fill once its first message arrived, e.g.
+    /// `100ms` (at most `10s`); `0` applies whatever is ready at once. Larger batches cost
+    /// fewer transactions per message and add up to this much latency.
+    #[arg(long, env = "KAFKA_BATCH_TIMEOUT", default_value = "0", value_parser = parse_batch_timeout)]
+    pub kafka_batch_timeout: Duration,
     /// Times one consumed message may fail to apply, while the database answers, before it is
     /// dead-lettered to `<topic>.dlq` (failures while the database is away do not count).
     #[arg(long, env = "CONSUMER_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -85,6 +95,7 @@ impl KafkaConfig {
     pub fn consumer_settings(&self) -> crate::consumer::Settings {
         crate::consumer::Settings {
             batch_size: self.kafka_batch_size,
+            batch_wait: self.kafka_batch_timeout,
             max_failures: self.consumer_max_failures,
             stall_timeout: self.consumer_stall_timeout,
         }
@@ -124,6 +135,24 @@ pub struct TelemetryConfig {
     /// Log filter in `tracing` syntax (also read from RUST_LOG).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Where the heap profile is served (`GET /debug/pprof/heap`, pprof format, from jemalloc's
+    /// sampling profiler); `off` serves none. Loopback by default: reach it from inside the pod
+    /// (`kubectl exec ... -- curl localhost:6060/debug/pprof/heap`) or by port-forward.
+    #[arg(long, env = "PROFILE_ADDR", default_value = "127.0.0.1:6060", value_parser = parse_optional_addr)]
+    pub profile_addr: OptionalAddr,
+}
+
+/// A listening address, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(OptionalAddr(None));
+    }
+    text.parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|e| format!("{text:?} is neither an address such as 127.0.0.1:6060 nor off: {e}"))
 }
 
 /// A parsed list of librdkafka properties. The values of sensitive keys (see [`is_sensitive`])
@@ -184,6 +213,51 @@ pub fn parse_secret(text: &str) -> Result<SecretString, String> {
 }
 
 /// Parses a whole number of milliseconds.
+/// `0`, or a duration such as `100ms` or `1s`, up to 10 s.
+fn parse_batch_timeout(text: &str) -> Result<Duration, String> {
+    let duration = if text.trim() == "0" {
+        Duration::ZERO
+    } else {
+        humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?} is not a duration such as 100ms: {e}"))?
+    };
+    if duration > Duration::from_secs(10) {
+        return Err(format!("{text:?} is longer than 10s"));
+    }
+    Ok(duration)
+}
+
+/// Runbook 004 (written for a Go service) sets these variables; each is read as ours when ours
+/// is not set: `(runbook's name, ours, the argument it sets)`.
+pub const RUNBOOK_ALIASES: [(&str, &str, &str); 2] = [
+    ("DB_MAX_OPEN_CONNS", "DATABASE_MAX_CONNECTIONS", "database_max_connections"),
+    ("DB_MAX_IDLE_CONNS", "DATABASE_MIN_CONNECTIONS", "database_min_connections"),
+];
+
+/// Applies [`RUNBOOK_ALIASES`] to a command line parser: an alias's value becomes the default of
+/// the argument it names, so that our own variable or flag still wins, and is checked like it.
+pub fn with_runbook_aliases(mut command: clap::Command) -> clap::Command {
+    for (alias, _, argument) in RUNBOOK_ALIASES {
+        if let Ok(value) = std::env::var(alias) {
+            let value: &'static str = Box::leak(value.into_boxed_str());
+            command = command.mut_arg(argument, |a| a.default_value(value));
+        }
+    }
+    command
+}
+
+/// Logs which of [`RUNBOOK_ALIASES`] were read (after the logs are set up).
+pub fn log_runbook_aliases() {
+    for (alias, ours, _) in RUNBOOK_ALIASES {
+        if let Ok(value) = std::env::var(alias) {
+            if std::env::var_os(ours).is_some() {
+                tracing::warn!(alias, ours, "{alias} is ignored: {ours} is set too");
+            } else {
+                tracing::info!(alias, ours, value, "{alias} read as {ours}");
+            }
+        }
+    }
+}
+
 pub fn parse_millis(text: &str) -> Result<Duration, String> {
     text.parse::<u64>()
         .map(Duration::from_millis)
@@ -193,6 +267,48 @@ pub fn parse_millis(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_timeout_is_zero_or_a_duration_up_to_ten_seconds() {
+        assert_eq!(parse_batch_timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_batch_timeout("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_batch_timeout(" 2s "), Ok(Duration::from_secs(2)));
+        assert!(parse_batch_timeout("11s").unwrap_err().contains("longer than 10s"));
+        assert!(parse_batch_timeout("100").is_err(), "a bare number has no unit");
+        assert!(parse_batch_timeout("soon").is_err());
+    }
+
+    /// The runbook's names set our defaults; our own variable still wins (each test runs in a
+    /// process of its own under nextest, so the environment is this test's).
+    #[test]
+    fn the_runbooks_variables_are_read_as_ours_unless_ours_are_set() {
+        #[derive(Debug, clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            database: DatabaseConfig,
+        }
+        use clap::{CommandFactory, FromArgMatches};
+        let parse = |args: &[&str]| {
+            let matches = with_runbook_aliases(Probe::command()).try_get_matches_from(args).unwrap();
+            Probe::from_arg_matches(&matches).unwrap().database
+        };
+        std::env::set_var("DB_MAX_OPEN_CONNS", "25");
+        std::env::set_var("DB_MAX_IDLE_CONNS", "5");
+        let db = parse(&["probe", "--database-url", "postgres://x@h/db"]);
+        assert_eq!((db.database_max_connections, db.database_min_connections), (25, 5));
+        std::env::set_var("DATABASE_MAX_CONNECTIONS", "7");
+        let db = parse(&["probe", "--database-url", "postgres://x@h/db"]);
+        assert_eq!(db.database_max_connections, 7, "ours wins over the runbook's");
+        let db = parse(&["probe", "--database-url", "postgres://x@h/db", "--database-max-connections", "9"]);
+        assert_eq!(db.database_max_connections, 9, "a flag wins over both");
+        std::env::set_var("DB_MAX_IDLE_CONNS", "many");
+        let refused = with_runbook_aliases(Probe::command()).try_get_matches_from([
+            "probe",
+            "--database-url",
+            "postgres://x@h/db",
+        ]);
+        assert!(refused.is_err(), "the runbook's value is checked like ours");
+    }
 
     #[test]
     fn properties_parse_from_comma_separated_pairs() {

@@ -92,6 +92,9 @@ pub const PAUSE_RECHECK: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
     pub batch_size: usize,
+    /// How long to wait for a batch to fill once its first message arrived; zero takes what is
+    /// ready.
+    pub batch_wait: Duration,
     /// Failures of one message, while the database answers, before it is dead-lettered.
     pub max_failures: u32,
     /// How long a consumer may be out of its group, or starved of messages that wait for it,
@@ -184,6 +187,27 @@ fn final_commit(consumer: &crate::kafka::GroupConsumer) {
     }
 }
 
+/// Adds to `chunk` what arrives within `wait` of now, up to about `size` messages (a chunk of the
+/// stream holds at most `size`, so the batch may end up to one chunk larger).
+async fn fill<T, S: futures::Stream<Item = Vec<T>> + Unpin>(
+    mut chunk: Vec<T>,
+    stream: &mut S,
+    size: usize,
+    wait: Duration,
+) -> Vec<T> {
+    if wait.is_zero() {
+        return chunk;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    while chunk.len() < size {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(more)) => chunk.extend(more),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    chunk
+}
+
 /// Consumes until `shutdown` (`None`) or until the consumer stalls.
 async fn consume(
     consumer: &crate::kafka::GroupConsumer,
@@ -224,6 +248,7 @@ async fn consume(
             },
         };
         idle_since = None;
+        let chunk = fill(chunk, &mut stream, settings.batch_size, settings.batch_wait).await;
         let mut records = Vec::with_capacity(chunk.len());
         for message in chunk {
             match message {
@@ -692,6 +717,28 @@ mod tests {
 
     fn record(topic: &str, partition: i32, offset: i64) -> Record {
         Record { topic: topic.into(), partition, offset, key: None, payload: None, headers: vec![] }
+    }
+
+    /// A batch waits at most `wait` after its first message, and no longer once full.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_fills_for_its_timeout_or_until_full() {
+        use futures::StreamExt;
+        let wait = Duration::from_millis(100);
+        // Chunks arriving every 30 ms: 100 ms take three more.
+        let slow = || {
+            futures::stream::iter(1..100).then(|i| async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                vec![i]
+            })
+        };
+        let mut stream = Box::pin(slow());
+        assert_eq!(fill(vec![0], &mut stream, 200, wait).await, vec![0, 1, 2, 3]);
+        let mut stream = Box::pin(slow());
+        assert_eq!(fill(vec![0], &mut stream, 3, wait).await, vec![0, 1, 2], "stops once full");
+        let mut stream = Box::pin(slow());
+        assert_eq!(fill(vec![0], &mut stream, 200, Duration::ZERO).await, vec![0], "no wait: as it came");
+        let mut ended = Box::pin(futures::stream::iter(vec![vec![1], vec![2]]));
+        assert_eq!(fill(vec![0], &mut ended, 200, wait).await, vec![0, 1, 2], "the stream's end ends it");
     }
 
     #[test]

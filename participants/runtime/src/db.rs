@@ -38,6 +38,7 @@ pub async fn connect(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyh
     }
     let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
+        .min_connections(config.database_min_connections.min(config.database_max_connections))
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await?;

@@ -11,6 +11,15 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts: its sampling heap profiler on from the start (an
+/// allocation sampled every 512 KiB on average), so that `GET /debug/pprof/heap`
+/// ([`telemetry::serve_profiles`]) shows what is live however long ago it was allocated. The
+/// `MALLOC_CONF` environment variable overrides it (`prof_active:false` turns sampling off).
+// Unsafe only in that the symbol name is chosen by hand: jemalloc reads this one at start-up.
+#[allow(non_upper_case_globals, unsafe_code)]
+#[export_name = "malloc_conf"]
+pub static malloc_conf: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+
 pub mod config;
 pub mod consumer;
 pub mod db;

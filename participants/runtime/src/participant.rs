@@ -375,17 +375,21 @@ pub struct Defaults {
     pub about: &'static str,
     pub http_addr: &'static str,
     pub metrics_addr: &'static str,
+    /// Where the heap profile is served (`PROFILE_ADDR`): loopback, one port per service so that
+    /// the demo's five processes do not collide.
+    pub profile_addr: &'static str,
     pub database_url: &'static str,
 }
 
 impl ServiceConfig {
     /// Parses flags and environment with the service's defaults.
     pub fn parse_with(defaults: Defaults) -> Self {
-        let command = <Self as CommandFactory>::command()
+        let command = crate::config::with_runbook_aliases(<Self as CommandFactory>::command())
             .name(defaults.name)
             .about(defaults.about)
             .mut_arg("http_addr", |a| a.default_value(defaults.http_addr).required(false))
             .mut_arg("metrics_addr", |a| a.default_value(defaults.metrics_addr).required(false))
+            .mut_arg("profile_addr", |a| a.default_value(defaults.profile_addr))
             .mut_arg("database_url", |a| a.default_value(defaults.database_url).required(false));
         let matches = command.get_matches();
         <Self as FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
@@ -428,6 +432,7 @@ pub async fn run<P: Participant>(
 ) -> anyhow::Result<()> {
     let name = P::NAME;
     crate::telemetry::init_logs(&config.telemetry);
+    crate::config::log_runbook_aliases();
     crate::faults::setup()?;
     let migrations = vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations];
     if let Some(ServiceCommand::Migrate) = config.command {
@@ -436,6 +441,7 @@ pub async fn run<P: Participant>(
         return Ok(());
     }
     crate::telemetry::serve_metrics(config.metrics_addr)?;
+    let profiles = crate::telemetry::bind_profiles(config.telemetry.profile_addr.0).await?;
     describe_metrics();
     let pool = crate::db::connect(&config.database, migrations).await?;
     crate::kafka::check_connection(&config.kafka).await?;
@@ -451,6 +457,9 @@ pub async fn run<P: Participant>(
     let consumer = crate::kafka::consumer(&config.kafka, &group, &subscription)?;
     let shutdown = crate::shutdown::on_signal();
     let mut supervisor = crate::supervisor::Supervisor::new(shutdown.clone());
+    if let Some(listener) = profiles {
+        supervisor.spawn("heap-profile", crate::telemetry::serve_profiles(listener, shutdown.clone()));
+    }
     let (handoff, handoffs) = if config.outbox.outbox_publish_on_commit {
         let (handoff, handoffs) = outbox::Handoff::channel();
         (Some(handoff), Some(handoffs))

@@ -1,4 +1,4 @@
-//! Logs (JSON or text, through `tracing`) and the Prometheus metrics endpoint.
+//! Logs (JSON or text, through `tracing`), the Prometheus metrics endpoint and the heap profile.
 
 use std::net::SocketAddr;
 
@@ -37,4 +37,56 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     crate::supervisor::describe_metrics();
     crate::retention::describe_metrics();
     Ok(())
+}
+
+/// Binds the heap profile's listener (`None`: not served). At start-up, so that a port in use
+/// stops the service at once.
+pub async fn bind_profiles(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve the heap profile on {addr} (PROFILE_ADDR): {e}"))?;
+    tracing::info!(%addr, "heap profile at /debug/pprof/heap");
+    Ok(Some(listener))
+}
+
+/// Serves `GET /debug/pprof/heap` on `listener` until `shutdown`: jemalloc's heap profile in
+/// pprof's format (gzipped protobuf), for `go tool pprof` or `pprof`.
+pub async fn serve_profiles(listener: tokio::net::TcpListener, shutdown: tokio_util::sync::CancellationToken) {
+    let router = axum::Router::new().route("/debug/pprof/heap", axum::routing::get(heap_profile));
+    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(%error, "the heap profile endpoint stopped");
+    }
+}
+
+async fn heap_profile() -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let Some(ctl) = jemalloc_pprof::PROF_CTL.as_ref() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "jemalloc's profiler is off (MALLOC_CONF has prof:false)\n")
+            .into_response();
+    };
+    let mut ctl = ctl.lock().await;
+    if !ctl.activated() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "jemalloc's profiler is inactive (MALLOC_CONF has prof_active:false)\n",
+        )
+            .into_response();
+    }
+    // Writes a temporary file and reads the process's mappings.
+    match tokio::task::block_in_place(|| ctl.dump_pprof()) {
+        Ok(profile) => (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream"),
+                (header::CONTENT_DISPOSITION, "attachment; filename=\"heap.pb.gz\""),
+            ],
+            profile,
+        )
+            .into_response(),
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "cannot dump the heap profile");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot dump the heap profile: {error}\n")).into_response()
+        }
+    }
 }

@@ -29,7 +29,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/saga-orchestrator /src/target/release/sagactl \
      /src/target/release/saga-participant-order /src/target/release/saga-participant-inventory \
      /src/target/release/saga-participant-payment /src/target/release/saga-participant-fulfilment \
-     /usr/local/bin/
+     /src/target/release/saga-notification /usr/local/bin/
 # Numeric, so that Kubernetes can check runAsNonRoot without reading /etc/passwd.
 USER 10001:10001
 ENV LOG_FORMAT=json

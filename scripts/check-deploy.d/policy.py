@@ -61,7 +61,7 @@ def main(rendered, definitions):
         by_kind.setdefault(d["kind"], []).append(d)
     deployments = [d for d in by_kind.get("Deployment", []) if ours(d)]
     jobs = [d for d in by_kind.get("Job", []) if ours(d)]
-    if len(deployments) < 5:
+    if len(deployments) < 6:
         problem(f"only {len(deployments)} Deployments of the order saga")
 
     config = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "saga-config")["data"]
@@ -122,8 +122,9 @@ def main(rendered, definitions):
         for path in pathlib.Path(definitions).glob("*.json"):
             for step in json.load(open(path))["steps"]:
                 participants.add(step["participant"])
-        consumed = [f"{p}-commands" for p in sorted(participants)] + ["saga-replies", "saga-start-requests"]
-        wanted = set(consumed) | {f"{t}.dlq" for t in consumed} | {"saga-events"}
+        # The notification service consumes the lifecycle events: they have a dead-letter topic too.
+        consumed = [f"{p}-commands" for p in sorted(participants)] + ["saga-replies", "saga-start-requests", "saga-events"]
+        wanted = set(consumed) | {f"{t}.dlq" for t in consumed}
         declared = {t["spec"].get("topicName", t["metadata"]["name"]): t for t in topics}
         if set(declared) != wanted:
             problem(f"KafkaTopics: missing {sorted(wanted - set(declared))}, extra {sorted(set(declared) - wanted)}")

@@ -19,7 +19,7 @@ pub mod bench;
 pub mod faults;
 pub mod scale;
 
-pub const SERVICES: [&str; 5] = ["orchestrator", "order", "inventory", "payment", "fulfilment"];
+pub const SERVICES: [&str; 6] = ["orchestrator", "order", "inventory", "payment", "fulfilment", "notification"];
 
 /// The orchestrator's API tokens in tests: `admin` (what [`System::http`] sends) and `reader`.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -152,8 +152,11 @@ pub fn bin_dir() -> PathBuf {
 /// The executable of a service (`orchestrator`, `payment`, ...).
 pub fn binary(service: &str) -> PathBuf {
     let service = base_service(service);
-    let name =
-        if service == "orchestrator" { "saga-orchestrator".to_owned() } else { format!("saga-participant-{service}") };
+    let name = match service {
+        "orchestrator" => "saga-orchestrator".to_owned(),
+        "notification" => "saga-notification".to_owned(),
+        participant => format!("saga-participant-{participant}"),
+    };
     bin_dir().join(name)
 }
 

@@ -98,7 +98,7 @@ async fn the_demo_comes_up_and_the_first_ctrl_c_stops_it_services_included() -> 
     assert_eq!(status.code(), Some(130), "exit status after Ctrl-C; stderr:\n{errors}");
     assert!(took < Duration::from_secs(12), "stopping took {took:?}");
     assert!(!errors.contains("placing an order failed"), "the order loop went on after Ctrl-C:\n{errors}");
-    for port in [8080, 8081, 8082, 8083, 8084, 9090] {
+    for port in [8080, 8081, 8082, 8083, 8084, 8085, 9090, 6060] {
         assert!(!port_open(port), "port {port} still open: a service outlived the demo");
     }
     eprintln!("demo ready after {:?}, stopped {took:?} after Ctrl-C", started.elapsed());

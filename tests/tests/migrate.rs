@@ -10,8 +10,10 @@ use sqlx::{Connection, PgConnection};
 /// records (participants only) and its own.
 fn migration_files(service: &str) -> usize {
     let root = saga_e2e::workspace_root().join("migrations");
-    let sets: Vec<&str> =
-        if service == "orchestrator" { vec!["outbox", "orchestrator"] } else { vec!["outbox", "participant", service] };
+    let sets: Vec<&str> = match service {
+        "orchestrator" | "notification" => vec!["outbox", service],
+        participant => vec!["outbox", "participant", participant],
+    };
     sets.iter()
         .map(|set| {
             std::fs::read_dir(root.join(set))

@@ -431,29 +431,78 @@ pub async fn run<P: Participant>(
     api: impl FnOnce(ApiContext) -> Api,
 ) -> anyhow::Result<()> {
     let name = P::NAME;
+    let dedupe = crate::retention::dedupe_policy(config.dedupe_retention.0);
+    let service = Service {
+        name,
+        description: format!("The {name} participant of the order saga."),
+        migrations: vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations],
+        consumes: vec![commands_topic(name)],
+        also_creates: vec![saga_defs::contract::REPLIES_TOPIC.to_owned()],
+        retention: vec![dedupe],
+        describe: describe_metrics,
+    };
+    run_service(
+        service,
+        config,
+        |pool, handoff| CommandHandler {
+            handoff,
+            pool: pool.clone(),
+            participant: participant(pool),
+            service: format!("{name}-service"),
+        },
+        api,
+    )
+    .await
+}
+
+/// What sets one service apart for [`run_service`].
+pub struct Service {
+    /// `payment`: the service is `payment-service`, its consumer group by default too.
+    pub name: &'static str,
+    /// The first sentence of its API document.
+    pub description: String,
+    /// Its database's migration sets (the outbox's among them: dead letters go through it).
+    pub migrations: Vec<Migrator>,
+    /// Topics it consumes (without the prefix); each gets its dead-letter topic.
+    pub consumes: Vec<String>,
+    /// Topics it writes to and creates when topics are created (without the prefix).
+    pub also_creates: Vec<String>,
+    /// What the retention task deletes.
+    pub retention: Vec<crate::retention::Policy>,
+    /// Describes its own metrics, once the recorder is installed.
+    pub describe: fn(),
+}
+
+/// Runs a consuming service until SIGTERM or Ctrl-C: the `migrate` command, or migrations, the
+/// consumer of `service.consumes` applying batches with the handler `handler` makes, the outbox
+/// relay, retention, the heap profile, and HTTP (`/health`, `/ready`,
+/// `/api/v1/openapi.json` and the routes `api` builds). Every background task is supervised.
+pub async fn run_service<H: BatchHandler + 'static>(
+    service: Service,
+    config: ServiceConfig,
+    handler: impl FnOnce(PgPool, Option<outbox::Handoff>) -> H,
+    api: impl FnOnce(ApiContext) -> Api,
+) -> anyhow::Result<()> {
+    let name = service.name;
     crate::telemetry::init_logs(&config.telemetry);
     crate::config::log_runbook_aliases();
     crate::faults::setup()?;
-    let migrations = vec![crate::db::outbox_migrations(), crate::db::participant_migrations(), migrations];
     if let Some(ServiceCommand::Migrate) = config.command {
-        crate::db::migrate(&config.database, migrations).await?;
+        crate::db::migrate(&config.database, service.migrations).await?;
         tracing::info!(service = name, "migrations applied");
         return Ok(());
     }
     crate::telemetry::serve_metrics(config.metrics_addr)?;
     let profiles = crate::telemetry::bind_profiles(config.telemetry.profile_addr.0).await?;
-    describe_metrics();
-    let pool = crate::db::connect(&config.database, migrations).await?;
+    (service.describe)();
+    let pool = crate::db::connect(&config.database, service.migrations).await?;
     crate::kafka::check_connection(&config.kafka).await?;
-    let topic = config.kafka.topic(&commands_topic(name));
-    crate::kafka::ensure_topics(
-        &config.kafka,
-        &[topic.clone(), dead_letter::topic_of(&topic), config.kafka.topic(saga_defs::contract::REPLIES_TOPIC)],
-    )
-    .await?;
+    let subscription: Vec<String> = service.consumes.iter().map(|t| config.kafka.topic(t)).collect();
+    let mut topics: Vec<String> = subscription.iter().flat_map(|t| [t.clone(), dead_letter::topic_of(t)]).collect();
+    topics.extend(service.also_creates.iter().map(|t| config.kafka.topic(t)));
+    crate::kafka::ensure_topics(&config.kafka, &topics).await?;
     let producer = crate::kafka::producer(&config.kafka, &format!("{name}-service"))?;
     let group = config.kafka_group_id.clone().unwrap_or_else(|| format!("{name}-service"));
-    let subscription = [topic];
     let consumer = crate::kafka::consumer(&config.kafka, &group, &subscription)?;
     let shutdown = crate::shutdown::on_signal();
     let mut supervisor = crate::supervisor::Supervisor::new(shutdown.clone());
@@ -476,18 +525,13 @@ pub async fn run<P: Participant>(
         "retention",
         crate::retention::run(
             pool.clone(),
-            vec![crate::retention::dedupe_policy(config.dedupe_retention.0)],
+            service.retention,
             config.retention.clone(),
             crate::retention::SharedStatus::default(),
             shutdown.clone(),
         ),
     );
-    let handler = CommandHandler {
-        handoff: handoff.clone(),
-        pool: pool.clone(),
-        participant: participant(pool.clone()),
-        service: format!("{name}-service"),
-    };
+    let handler = handler(pool.clone(), handoff.clone());
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
     let kafka = config.kafka.clone();
@@ -499,10 +543,9 @@ pub async fn run<P: Participant>(
     let readiness =
         crate::health::Readiness { service: name, pool: pool.clone(), producer, tasks: supervisor.health() };
     let api = api(ApiContext { pool: pool.clone(), kafka: config.kafka.clone(), handoff });
-    let service = format!("{name}-service");
-    let description =
-        format!("The {name} participant of the order saga. Errors are application/problem+json (RFC 9457).");
-    let document = std::sync::Arc::new(crate::openapi::document(&service, &description, api.paths, api.schemas));
+    let title = format!("{name}-service");
+    let description = format!("{} Errors are application/problem+json (RFC 9457).", service.description);
+    let document = std::sync::Arc::new(crate::openapi::document(&title, &description, api.paths, api.schemas));
     let served = axum::routing::get(move || async move { axum::Json(document.as_ref().clone()) });
     let router =
         crate::health::finish(api.router.route("/api/v1/openapi.json", served).merge(crate::health::router(readiness)));

@@ -16,6 +16,7 @@ use saga_defs::{
 };
 use saga_runtime::dead_letter::Reason;
 use saga_runtime::outbox::OutboxMessage;
+use saga_runtime::trace::Context;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -138,6 +139,9 @@ pub(crate) enum Started {
 /// with [`store::insert`], or with the rest of a consumed batch with [`store::insert_many`]).
 pub(crate) struct PreparedStart<'r, 'e> {
     request: &'r StartSagaRequest,
+    /// The trace and correlation id it came with (headers of the message or the request).
+    trace: Context,
+    traceparent: String,
     definition: &'e saga_defs::SagaDefinition,
     hash: String,
     clock: Clock,
@@ -157,6 +161,8 @@ impl PreparedStart<'_, '_> {
             state: &self.transition.next,
             step_name: self.definition.steps[0].name.as_str(),
             now: self.clock.now,
+            trace_parent: Some(self.traceparent.as_str()),
+            correlation_id: self.trace.correlation_id.as_deref(),
         }
     }
 }
@@ -247,6 +253,7 @@ pub(crate) struct Operated {
 
 /// What a lifecycle event announces.
 struct Lifecycle<'a> {
+    trace: &'a Context,
     event_type: LifecycleEventType,
     saga_id: Uuid,
     definition: &'a SagaDefinition,
@@ -296,15 +303,20 @@ impl Engine {
         &self,
         w: &mut Writes<'_>,
         request: &StartSagaRequest,
+        trace: Context,
         effects: &mut Effects,
     ) -> Result<Started, StartError> {
-        let prepared = self.prepare_start(request)?;
+        let prepared = self.prepare_start(request, trace)?;
         let inserted = store::insert(w.conn, prepared.new_saga()).await?;
         self.finish_start(w, prepared, inserted, effects).await
     }
 
     /// The checks and the first transition of a start, before anything is written.
-    pub(crate) fn prepare_start<'r>(&self, request: &'r StartSagaRequest) -> Result<PreparedStart<'r, '_>, StartError> {
+    pub(crate) fn prepare_start<'r>(
+        &self,
+        request: &'r StartSagaRequest,
+        trace: Context,
+    ) -> Result<PreparedStart<'r, '_>, StartError> {
         let definition = self.registry.latest(request.saga_type.as_str()).ok_or_else(|| StartError::UnknownType {
             given: request.saga_type.to_string(),
             known: self.registry.all().map(|d| d.name.to_string()).collect::<Vec<_>>().join(", "),
@@ -320,7 +332,8 @@ impl Engine {
         let hash = request_hash(request.saga_type.as_str(), request.business_key.as_deref(), &request.input);
         let clock = clock();
         let transition = saga_defs::start(definition, clock);
-        Ok(PreparedStart { request, definition, hash, clock, transition })
+        let traceparent = trace.parent.header();
+        Ok(PreparedStart { request, trace, traceparent, definition, hash, clock, transition })
     }
 
     /// Writes what a prepared start did once its row was inserted (`inserted`), or finds the
@@ -332,7 +345,7 @@ impl Engine {
         inserted: bool,
         effects: &mut Effects,
     ) -> Result<Started, StartError> {
-        let PreparedStart { request, definition, hash, clock, transition } = prepared;
+        let PreparedStart { request, trace, definition, hash, clock, transition, .. } = prepared;
         let id = request.saga_id.as_uuid();
         if !inserted {
             let (existing, existing_hash) =
@@ -345,7 +358,10 @@ impl Engine {
             return Ok(Started::Existing(existing));
         }
         let summary = describe(definition, None, "started", &transition);
-        self.write_effects(w, id, definition, &request.input, &json!({}), &transition, clock.now).await?;
+        tracing::debug!(
+            saga_id = %id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(), "saga started"
+        );
+        self.write_effects(w, id, definition, &request.input, &json!({}), &transition, &trace, clock.now).await?;
         let started = Lifecycle {
             event_type: LifecycleEventType::Started,
             saga_id: id,
@@ -354,6 +370,7 @@ impl Engine {
             state: &transition.next,
             version: 1,
             now: clock.now,
+            trace: &trace,
         };
         w.outbox(vec![self.lifecycle_event(started)]).await?;
         w.append_history(HistoryEntry {
@@ -634,7 +651,12 @@ impl Engine {
                 seconds: started.map(|s| (clock.now - s).num_milliseconds() as f64 / 1000.0),
             });
         }
-        self.write_effects(w, row.id, definition, &input, &outputs, &transition, clock.now).await?;
+        let trace = row.trace();
+        tracing::debug!(
+            saga_id = %row.id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
+            trigger = origin.trigger, "saga moved"
+        );
+        self.write_effects(w, row.id, definition, &input, &outputs, &transition, &trace, clock.now).await?;
         let mut summary = describe(definition, Some(&state), origin.trigger, &transition);
         let mut history_detail = detail(&transition, origin.message_id);
         if let Some(operator) = origin.operator {
@@ -662,6 +684,7 @@ impl Engine {
                 state: next,
                 version: row.version + 1,
                 now: clock.now,
+                trace: &trace,
             };
             w.outbox(vec![self.lifecycle_event(event)]).await?;
         }
@@ -692,7 +715,9 @@ impl Engine {
             attention: event.state.attention.clone(),
             occurred_at: event.now,
         };
-        OutboxMessage::new(self.topic(EVENTS_TOPIC), event.saga_id, MESSAGE_TYPE_EVENT, &payload)
+        let mut message = OutboxMessage::new(self.topic(EVENTS_TOPIC), event.saga_id, MESSAGE_TYPE_EVENT, &payload);
+        message.headers = event.trace.headers(event.trace.parent.child_of_message(payload.event_id));
+        message
     }
 
     /// Records the commands as pending attempts and puts them in the outbox.
@@ -705,6 +730,7 @@ impl Engine {
         input: &Value,
         outputs: &Value,
         transition: &Transition,
+        trace: &Context,
         now: DateTime<Utc>,
     ) -> sqlx::Result<()> {
         let mut messages = Vec::with_capacity(transition.commands.len());
@@ -725,12 +751,15 @@ impl Engine {
                 failure: transition.next.failure.clone(),
                 deadline: command.deadline,
             };
-            messages.push(OutboxMessage::new(
+            let mut message = OutboxMessage::new(
                 self.topic(&commands_topic(&command.participant)),
                 id,
                 MESSAGE_TYPE_COMMAND,
                 &envelope,
-            ));
+            );
+            // A span per command: its id is the command's message id.
+            message.headers = trace.headers(trace.parent.child_of_message(envelope.message_id));
+            messages.push(message);
         }
         w.outbox(messages).await
     }

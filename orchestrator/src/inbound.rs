@@ -106,8 +106,12 @@ impl BatchHandler for Inbound {
         // joins the batch's other writes.
         let mut starts: Vec<Option<Result<PreparedStart<'_, '_>, StartError>>> = parsed
             .iter()
-            .map(|m| match m {
-                Ok(Message::Start(request)) => Some(self.engine.prepare_start(request)),
+            .zip(records)
+            .map(|(m, record)| match m {
+                Ok(Message::Start(request)) => {
+                    let trace = saga_runtime::trace::Context::from_record(record, Some(request.saga_id.as_uuid()));
+                    Some(self.engine.prepare_start(request, trace))
+                }
                 _ => None,
             })
             .collect();

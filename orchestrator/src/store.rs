@@ -38,6 +38,9 @@ pub(crate) struct SagaRow {
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) updated_at: DateTime<Utc>,
     pub(crate) ended_at: Option<DateTime<Utc>>,
+    /// The `traceparent` and correlation id the saga started with (migration 1007).
+    pub(crate) trace_parent: Option<String>,
+    pub(crate) correlation_id: Option<String>,
 }
 
 /// A JSON column as stored, or why it cannot be read. Reading a row never fails on its JSON:
@@ -94,6 +97,17 @@ fn failure(step: &Option<String>, code: &Option<String>, reason: &Option<String>
 }
 
 impl SagaRow {
+    /// The trace and correlation id it started with; a saga started before they were kept (or
+    /// whose stored `traceparent` is unreadable) is its own trace, the saga id as trace id.
+    pub(crate) fn trace(&self) -> saga_runtime::trace::Context {
+        use saga_runtime::trace::{Context, TraceParent};
+        let parent = self.trace_parent.as_deref().and_then(TraceParent::parse);
+        Context {
+            parent: parent.unwrap_or_else(|| TraceParent::of_saga(self.id)),
+            correlation_id: self.correlation_id.as_deref().and_then(saga_runtime::trace::correlation_id),
+        }
+    }
+
     pub(crate) fn input(&self) -> Result<&Value, CorruptRow> {
         self.input.0.as_ref().map_err(|e| self.corrupt("input", e))
     }
@@ -136,7 +150,7 @@ impl SagaRow {
 
 pub(crate) const SAGA_COLUMNS: &str = "id, saga_type, definition_version, business_key, input, outputs, status, \
     step_index, step_name, step_kind, attempt, first_attempt, waiting, wake_at, failure_step, failure_code, failure_reason, \
-    attention_step, attention_code, attention_reason, version, created_at, updated_at, ended_at";
+    attention_step, attention_code, attention_reason, version, created_at, updated_at, ended_at, trace_parent, correlation_id";
 
 pub(crate) async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<SagaRow>> {
     sqlx::query_as(&format!("SELECT {SAGA_COLUMNS} FROM saga_instances WHERE id = $1 FOR UPDATE"))
@@ -172,14 +186,17 @@ pub(crate) struct NewSaga<'a> {
     pub(crate) state: &'a SagaState,
     pub(crate) step_name: &'a str,
     pub(crate) now: DateTime<Utc>,
+    pub(crate) trace_parent: Option<&'a str>,
+    pub(crate) correlation_id: Option<&'a str>,
 }
 
 /// Inserts a saga unless one with the same type and idempotency key exists; true if inserted.
 pub(crate) async fn insert(conn: &mut PgConnection, saga: NewSaga<'_>) -> sqlx::Result<bool> {
     let inserted = sqlx::query(
         "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, business_key,
-             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15)
+             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, created_at, updated_at,
+             trace_parent, correlation_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, $16, $17)
          ON CONFLICT (saga_type, idempotency_key) DO NOTHING",
     )
     .bind(saga.id)
@@ -197,6 +214,8 @@ pub(crate) async fn insert(conn: &mut PgConnection, saga: NewSaga<'_>) -> sqlx::
     .bind(waiting_label(&saga.state.waiting))
     .bind(saga.state.wake_at())
     .bind(saga.now)
+    .bind(saga.trace_parent)
+    .bind(saga.correlation_id)
     .execute(conn)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -220,14 +239,17 @@ pub(crate) async fn insert_many(conn: &mut PgConnection, sagas: &[NewSaga<'_>]) 
     // In the order given, so that of two with one key the first is the one inserted.
     let inserted: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, business_key,
-             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, created_at, updated_at)
+             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, created_at, updated_at,
+             trace_parent, correlation_id)
          SELECT id, saga_type, definition_version, idempotency_key, request_hash, business_key,
-             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, at, at
+             input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, at, at,
+             trace_parent, correlation_id
          FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::jsonb[],
                      $8::text[], $9::int4[], $10::text[], $11::text[], $12::int4[], $13::text[],
-                     $14::timestamptz[], $15::timestamptz[])
+                     $14::timestamptz[], $15::timestamptz[], $16::text[], $17::text[])
              WITH ORDINALITY AS u(id, saga_type, definition_version, idempotency_key, request_hash, business_key,
-                 input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, at, n)
+                 input, status, step_index, step_name, step_kind, attempt, waiting, wake_at, at,
+                 trace_parent, correlation_id, n)
          ORDER BY n
          ON CONFLICT (saga_type, idempotency_key) DO NOTHING
          RETURNING id",
@@ -247,6 +269,8 @@ pub(crate) async fn insert_many(conn: &mut PgConnection, sagas: &[NewSaga<'_>]) 
     .bind(column(&|s| waiting_label(&s.state.waiting).to_owned()))
     .bind(&wake_ats)
     .bind(&nows)
+    .bind(sagas.iter().map(|s| s.trace_parent).collect::<Vec<_>>())
+    .bind(sagas.iter().map(|s| s.correlation_id).collect::<Vec<_>>())
     .fetch_all(conn)
     .await?;
     Ok(inserted.into_iter().collect())
@@ -1238,6 +1262,8 @@ mod insert_many_tests {
         let (mut conn, name) = scratch::database("insert_many").await;
         let (state, input, now) = (state(), serde_json::json!({"n": 1}), Utc::now());
         let saga = |id: Uuid, key: &'static str, hash: &'static str| NewSaga {
+            trace_parent: None,
+            correlation_id: None,
             id,
             saga_type: "order-fulfilment",
             definition_version: 1,

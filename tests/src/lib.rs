@@ -770,6 +770,11 @@ impl System {
     }
 
     /// Places an order; returns the HTTP status and body.
+    /// Where a service's log is (`<service>.log`).
+    pub fn log_path(&self, service: &str) -> PathBuf {
+        self.log_dir.join(format!("{service}.log"))
+    }
+
     pub async fn place_order(&self, key: &str, order: &Value) -> anyhow::Result<(u16, Value)> {
         let response = self
             .http

@@ -148,6 +148,7 @@ pub(crate) fn router(state: AppState, auth: auth::Auth) -> Router {
         .layer(middleware::from_fn_with_state(auth, auth::require))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(saga_runtime::trace::correlate))
 }
 
 /// Counts and times requests by method, route template and status (never the raw path).

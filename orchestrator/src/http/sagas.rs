@@ -109,11 +109,13 @@ pub(crate) async fn start(
     let mut tx = state.pool.begin().await?;
     let mut effects = Effects::default();
     let mut writes = crate::writes::Writes::direct(&mut tx);
-    let started = state.engine.start(&mut writes, &request, &mut effects).await.map_err(|error| match error {
-        StartError::Database(e) => ApiError::from(e),
-        StartError::KeyReused { .. } => ApiError::IdempotencyKeyReused(error.to_string()),
-        other => ApiError::BadRequest(other.to_string()),
-    })?;
+    let trace = saga_runtime::trace::Context::from_http(&headers);
+    let started =
+        state.engine.start(&mut writes, &request, trace, &mut effects).await.map_err(|error| match error {
+            StartError::Database(e) => ApiError::from(e),
+            StartError::KeyReused { .. } => ApiError::IdempotencyKeyReused(error.to_string()),
+            other => ApiError::BadRequest(other.to_string()),
+        })?;
     tx.commit().await?;
     for saga_type in effects.created() {
         state.admission.started(saga_type);

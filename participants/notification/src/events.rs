@@ -115,7 +115,14 @@ impl BatchHandler for Notifier {
         let mut skipped = Vec::new();
         for record in records {
             match parse(record).map(|event| decide(&event)) {
-                Ok(Decision::Notify(n)) => notifications.push(n),
+                Ok(Decision::Notify(n)) => {
+                    let trace = saga_runtime::trace::Context::from_record(record, Some(n.saga_id));
+                    tracing::debug!(
+                        saga_id = %n.saga_id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
+                        order_id = %n.order_id, kind = n.kind, "notification recorded"
+                    );
+                    notifications.push(n)
+                }
                 Ok(Decision::Skip(reason)) => skipped.push(reason),
                 Err(reason) => dead.push((dead_letter::message("notification-service", record, &reason), reason.label)),
             }

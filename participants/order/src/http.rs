@@ -322,11 +322,19 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
         }),
     };
     let topic = context.kafka.topic(START_REQUESTS_TOPIC);
-    let messages = vec![OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start)];
+    // The saga's trace begins here (or continues the caller's `traceparent`) and goes with its
+    // correlation id through the start request to the orchestrator.
+    let trace = saga_runtime::trace::Context::from_http(&headers);
+    let mut message = OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start);
+    message.headers = trace.headers(trace.parent.child());
+    let messages = vec![message];
     let handed = outbox::insert_then_hand_off(&mut tx, context.handoff.as_ref(), messages).await?;
     tx.commit().await?;
     handed.send();
-    tracing::info!(order_id = %id, saga_id = %saga_id, "order placed");
+    tracing::info!(
+        order_id = %id, saga_id = %saga_id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
+        "order placed"
+    );
     let order = load(&context, id).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/api/v1/orders/{id}"))], Json(order.to_json()))
         .into_response())

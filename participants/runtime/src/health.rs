@@ -185,6 +185,7 @@ pub fn finish(router: Router) -> Router {
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(axum::middleware::from_fn(refuse_unstorable))
         .layer(axum::middleware::map_response(problem_responses))
+        .layer(axum::middleware::from_fn(crate::trace::correlate))
 }
 
 /// The response to a database error in a handler: no connection free in time is overload (503

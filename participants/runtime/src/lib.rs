@@ -34,5 +34,6 @@ pub mod retention;
 pub mod shutdown;
 pub mod supervisor;
 pub mod telemetry;
+pub mod trace;
 
 pub use tokio_util::sync::CancellationToken;

@@ -145,7 +145,15 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
                 }
             };
             let reply = self.process(&mut tx, &command, &mut processed).await?;
-            messages.push(OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply));
+            // The reply continues the command's trace, as a span of its own.
+            let trace = crate::trace::Context::from_record(record, Some(command.saga_id.as_uuid()));
+            tracing::debug!(
+                saga_id = %command.saga_id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
+                step = %command.step, kind = command.kind.as_str(), attempt = command.attempt, "command handled"
+            );
+            let mut message = OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply);
+            message.headers = trace.headers(trace.parent.child_of_message(reply.message_id));
+            messages.push(message);
         }
         processed.store(&mut tx).await?;
         let handed = outbox::insert_then_hand_off(&mut tx, self.handoff.as_ref(), messages).await?.since(started);

@@ -39,6 +39,8 @@ async fn one_orders_trace_id_and_correlation_id_are_in_the_logs_of_every_service
     let saga_id = order["saga_id"].as_str().context("saga id")?.to_owned();
     let saga = system.wait_terminal(&saga_id, Duration::from_secs(60)).await?;
     assert_eq!(saga["status"], "COMPLETED");
+    assert_eq!(saga["trace_id"], trace_id.as_str(), "the saga API shows its trace id");
+    assert_eq!(saga["correlation_id"], correlation.as_str());
 
     // The orchestrator's commands carry the trace (a span per command) and the correlation id.
     let commands = system.read_topic("payment-commands").await?;

@@ -373,6 +373,8 @@ fn render_saga(saga: &Value) -> String {
         ("created", &saga["created_at"]),
         ("updated", &saga["updated_at"]),
         ("ended", &saga["ended_at"]),
+        ("trace id", &saga["trace_id"]),
+        ("correlation id", &saga["correlation_id"]),
     ] {
         out.push_str(&format!("{name:<22} {}\n", text(value)));
     }

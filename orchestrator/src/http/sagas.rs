@@ -292,6 +292,10 @@ pub(crate) struct SagaDetail {
     /// The compensations that ran, in the order they ran.
     compensations: Vec<CompensationView>,
     history: Vec<HistoryView>,
+    /// The W3C trace id every message of this saga carries (grep the services' logs for it).
+    trace_id: String,
+    /// The correlation id of the request that started it, if it came with one (ADR 25).
+    correlation_id: Option<String>,
 }
 
 /// Get one saga: input (redacted), status, every step with its attempts, the compensations and
@@ -377,7 +381,10 @@ pub(crate) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
             recorded_at: h.recorded_at,
         })
         .collect();
+    let trace = row.trace();
     Ok(Json(SagaDetail {
+        trace_id: trace.trace_id(),
+        correlation_id: trace.correlation_id.clone(),
         summary: SagaSummary::from(&row),
         input: redact(&row.input.or_placeholder(), &state.redact),
         outputs: row.outputs.or_placeholder(),

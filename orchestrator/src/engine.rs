@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, histogram};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use saga_defs::contract::{
     commands_topic, EVENTS_TOPIC, MESSAGE_TYPE_COMMAND, MESSAGE_TYPE_EVENT, REPLIES_TOPIC, SCHEMA_VERSION,
 };
@@ -19,6 +21,7 @@ use saga_runtime::outbox::OutboxMessage;
 use saga_runtime::trace::Context;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::time::SystemTime;
 use uuid::Uuid;
 
 use crate::metrics as m;
@@ -716,7 +719,21 @@ impl Engine {
             occurred_at: event.now,
         };
         let mut message = OutboxMessage::new(self.topic(EVENTS_TOPIC), event.saga_id, MESSAGE_TYPE_EVENT, &payload);
-        message.headers = event.trace.headers(event.trace.parent.child_of_message(payload.event_id));
+        let fallback = event.trace.parent.child_of_message(payload.event_id);
+        let published = saga_runtime::trace::span(
+            Some(&event.trace.parent),
+            SpanKind::Producer,
+            SystemTime::now(),
+            fallback,
+            || {
+                let name = serde_json::to_value(event.event_type).ok().and_then(|v| v.as_str().map(str::to_owned));
+                (
+                    format!("publish {}", name.unwrap_or_default()).into(),
+                    vec![KeyValue::new("saga.id", event.saga_id.to_string())],
+                )
+            },
+        );
+        message.headers = event.trace.headers(published);
         message
     }
 
@@ -757,8 +774,19 @@ impl Engine {
                 MESSAGE_TYPE_COMMAND,
                 &envelope,
             );
-            // A span per command: its id is the command's message id.
-            message.headers = trace.headers(trace.parent.child_of_message(envelope.message_id));
+            // A span per command (without an export, its id is the command's message id).
+            let fallback = trace.parent.child_of_message(envelope.message_id);
+            let sent =
+                saga_runtime::trace::span(Some(&trace.parent), SpanKind::Producer, SystemTime::now(), fallback, || {
+                    let name = format!("send {} {}", command.kind.as_str().to_lowercase(), command.action);
+                    let attributes = vec![
+                        KeyValue::new("saga.id", id.to_string()),
+                        KeyValue::new("saga.step", command.step.to_string()),
+                        KeyValue::new("saga.attempt", i64::from(command.attempt)),
+                    ];
+                    (name.into(), attributes)
+                });
+            message.headers = trace.headers(sent);
             messages.push(message);
         }
         w.outbox(messages).await

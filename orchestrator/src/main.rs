@@ -104,6 +104,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     }
     telemetry::serve_metrics(config.metrics_addr)?;
     let profiles = telemetry::bind_profiles(config.telemetry.profile_addr.0).await?;
+    let export = saga_runtime::trace::Export::from_env("saga-orchestrator")?;
     crate::metrics::describe();
     stats::describe();
     crate::metrics::register_saga_types(registry.all().map(|d| d.name.to_string()));
@@ -209,5 +210,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let readiness =
         health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer, tasks: supervisor.health() };
     let router = health::finish(http::router(state, auth).merge(health::router(readiness)));
-    supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await
+    let served = supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await;
+    export.shutdown().await;
+    served
 }

@@ -103,6 +103,7 @@ impl SagaRow {
         use saga_runtime::trace::{Context, TraceParent};
         let parent = self.trace_parent.as_deref().and_then(TraceParent::parse);
         Context {
+            from_caller: parent.is_some(),
             parent: parent.unwrap_or_else(|| TraceParent::of_saga(self.id)),
             correlation_id: self.correlation_id.as_deref().and_then(saga_runtime::trace::correlation_id),
         }

@@ -117,6 +117,17 @@ impl BatchHandler for Notifier {
             match parse(record).map(|event| decide(&event)) {
                 Ok(Decision::Notify(n)) => {
                     let trace = saga_runtime::trace::Context::from_record(record, Some(n.saga_id));
+                    let now = std::time::SystemTime::now();
+                    saga_runtime::trace::span(
+                        Some(&trace.parent),
+                        opentelemetry::trace::SpanKind::Consumer,
+                        now,
+                        trace.parent.child(),
+                        || {
+                            let name = format!("notify {}", n.kind);
+                            (name.into(), vec![opentelemetry::KeyValue::new("saga.id", n.saga_id.to_string())])
+                        },
+                    );
                     tracing::debug!(
                         saga_id = %n.saga_id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
                         order_id = %n.order_id, kind = n.kind, "notification recorded"

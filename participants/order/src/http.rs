@@ -253,6 +253,7 @@ const ORDER_COLUMNS: &str =
 /// Places an order: stores it `PENDING` and, in the same transaction, asks the orchestrator to
 /// start its saga. The same `Idempotency-Key` again returns the same order.
 async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let received = std::time::SystemTime::now();
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -325,14 +326,28 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
     // The saga's trace begins here (or continues the caller's `traceparent`) and goes with its
     // correlation id through the start request to the orchestrator.
     let trace = saga_runtime::trace::Context::from_http(&headers);
+    let fallback = if trace.from_caller { trace.parent.child() } else { trace.parent };
+    let request_span = saga_runtime::trace::span(
+        trace.span_parent(),
+        opentelemetry::trace::SpanKind::Server,
+        received,
+        fallback,
+        || {
+            let attributes = vec![
+                opentelemetry::KeyValue::new("order.id", id.to_string()),
+                opentelemetry::KeyValue::new("saga.id", saga_id.to_string()),
+            ];
+            ("POST /api/v1/orders".into(), attributes)
+        },
+    );
     let mut message = OutboxMessage::new(topic, saga_id, MESSAGE_TYPE_START, &start);
-    message.headers = trace.headers(trace.parent.child());
+    message.headers = trace.headers(request_span);
     let messages = vec![message];
     let handed = outbox::insert_then_hand_off(&mut tx, context.handoff.as_ref(), messages).await?;
     tx.commit().await?;
     handed.send();
     tracing::info!(
-        order_id = %id, saga_id = %saga_id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
+        order_id = %id, saga_id = %saga_id, trace_id = %request_span.trace_id(), correlation_id = trace.correlation(),
         "order placed"
     );
     let order = load(&context, id).await?;

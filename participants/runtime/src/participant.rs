@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use axum::Router;
 use metrics::{counter, describe_counter};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use saga_defs::contract::{
     codes, commands_topic, HEADER_MESSAGE_TYPE, HEADER_SCHEMA_VERSION, MESSAGE_TYPE_COMMAND, MESSAGE_TYPE_REPLY,
     SCHEMA_VERSION,
@@ -144,15 +146,26 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
                     continue;
                 }
             };
+            let started = std::time::SystemTime::now();
             let reply = self.process(&mut tx, &command, &mut processed).await?;
             // The reply continues the command's trace, as a span of its own.
             let trace = crate::trace::Context::from_record(record, Some(command.saga_id.as_uuid()));
+            let fallback = trace.parent.child_of_message(reply.message_id);
+            let handled = crate::trace::span(Some(&trace.parent), SpanKind::Consumer, started, fallback, || {
+                let name = format!("{} {}", command.kind.as_str().to_lowercase(), command.action);
+                let attributes = vec![
+                    KeyValue::new("saga.id", command.saga_id.to_string()),
+                    KeyValue::new("saga.step", command.step.to_string()),
+                    KeyValue::new("saga.attempt", i64::from(command.attempt)),
+                ];
+                (name.into(), attributes)
+            });
             tracing::debug!(
                 saga_id = %command.saga_id, trace_id = %trace.trace_id(), correlation_id = trace.correlation(),
                 step = %command.step, kind = command.kind.as_str(), attempt = command.attempt, "command handled"
             );
             let mut message = OutboxMessage::new(command.reply_to.clone(), command.saga_id, MESSAGE_TYPE_REPLY, &reply);
-            message.headers = trace.headers(trace.parent.child_of_message(reply.message_id));
+            message.headers = trace.headers(handled);
             messages.push(message);
         }
         processed.store(&mut tx).await?;
@@ -502,6 +515,7 @@ pub async fn run_service<H: BatchHandler + 'static>(
     }
     crate::telemetry::serve_metrics(config.metrics_addr)?;
     let profiles = crate::telemetry::bind_profiles(config.telemetry.profile_addr.0).await?;
+    let export = crate::trace::Export::from_env(&format!("{name}-service"))?;
     (service.describe)();
     let pool = crate::db::connect(&config.database, service.migrations).await?;
     crate::kafka::check_connection(&config.kafka).await?;
@@ -557,5 +571,7 @@ pub async fn run_service<H: BatchHandler + 'static>(
     let served = axum::routing::get(move || async move { axum::Json(document.as_ref().clone()) });
     let router =
         crate::health::finish(api.router.route("/api/v1/openapi.json", served).merge(crate::health::router(readiness)));
-    crate::supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await
+    let served = crate::supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await;
+    export.shutdown().await;
+    served
 }

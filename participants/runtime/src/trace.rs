@@ -1,7 +1,8 @@
 //! W3C trace context (`traceparent`) and correlation ids, carried from the order API through the
 //! outbox and Kafka headers to every service and back: one trace per saga, a span per command and
-//! reply. Each service logs the trace id, the saga id and the correlation id of what it handles.
-//! (Nothing is exported to a collector yet: the ids are in the logs.)
+//! reply. Each service logs the trace id, the saga id and the correlation id of what it handles,
+//! and, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set,
+//! exports its spans over OTLP (HTTP, protobuf) with OpenTelemetry's SDK ([`Export`], [`span`]).
 
 use axum::http::{HeaderMap, HeaderValue};
 
@@ -122,14 +123,18 @@ pub fn correlation_id(text: &str) -> Option<String> {
 pub struct Context {
     pub parent: TraceParent,
     pub correlation_id: Option<String>,
+    /// Whether `parent` came from the caller (else it is a new root no one recorded).
+    pub from_caller: bool,
 }
 
 impl Context {
     /// From a request's or a message's `traceparent` and correlation id; a new trace when there
     /// is none or it is malformed.
     pub fn from_parts(traceparent: Option<&str>, correlation: Option<&str>) -> Self {
+        let given = traceparent.and_then(TraceParent::parse);
         Self {
-            parent: traceparent.and_then(TraceParent::parse).unwrap_or_else(TraceParent::root),
+            from_caller: given.is_some(),
+            parent: given.unwrap_or_else(TraceParent::root),
             correlation_id: correlation.and_then(correlation_id),
         }
     }
@@ -143,9 +148,13 @@ impl Context {
     /// From a consumed message's headers; for a message without a usable `traceparent`, the
     /// trace of `saga_id`.
     pub fn from_record(record: &Record, saga_id: Option<uuid::Uuid>) -> Self {
-        let parent = record.header(TRACEPARENT).and_then(TraceParent::parse);
-        let parent = parent.or_else(|| saga_id.map(TraceParent::of_saga)).unwrap_or_else(TraceParent::root);
-        Self { parent, correlation_id: record.header(CORRELATION_ID).and_then(correlation_id) }
+        let given = record.header(TRACEPARENT).and_then(TraceParent::parse);
+        let parent = given.or_else(|| saga_id.map(TraceParent::of_saga)).unwrap_or_else(TraceParent::root);
+        Self {
+            parent,
+            correlation_id: record.header(CORRELATION_ID).and_then(correlation_id),
+            from_caller: given.is_some(),
+        }
     }
 
     /// The Kafka headers of a message sent in this context, as the span `span`.
@@ -159,6 +168,11 @@ impl Context {
 
     pub fn trace_id(&self) -> String {
         self.parent.trace_id()
+    }
+
+    /// The parent for a span of this context: `None` for a new root no one recorded.
+    pub fn span_parent(&self) -> Option<&TraceParent> {
+        self.from_caller.then_some(&self.parent)
     }
 
     /// For log fields: the correlation id, or "" when there is none.
@@ -181,6 +195,99 @@ pub async fn correlate(mut request: axum::extract::Request, next: axum::middlewa
     let mut response = next.run(request).await;
     response.headers_mut().insert(CORRELATION_ID, value);
     response
+}
+
+/// Whether spans are exported: when not, [`span`] returns at once.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The OTLP export of this process's spans, when configured; shut it down to flush at exit.
+pub struct Export(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+impl Export {
+    /// Sets up the export when an OTLP endpoint is configured (the standard `OTEL_EXPORTER_OTLP_*`
+    /// and `OTEL_BSP_*` variables apply); otherwise spans are recorded nowhere, at no cost.
+    pub fn from_env(service: &str) -> anyhow::Result<Self> {
+        let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+            .iter()
+            .any(|name| std::env::var(name).is_ok_and(|v| !v.trim().is_empty()));
+        if !configured {
+            return Ok(Self(None));
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot export traces over OTLP: {e}"))?;
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(service, "exporting traces over OTLP");
+        Ok(Self(Some(provider)))
+    }
+
+    /// Sends what is left (at most 5 s). On a blocking thread: the exporter's client blocks.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.0 {
+            let stopped =
+                tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(std::time::Duration::from_secs(5)));
+            if let Ok(Err(error)) = stopped.await {
+                tracing::warn!(%error, "the trace export did not flush");
+            }
+        }
+    }
+}
+
+/// A span's name and attributes, made only when spans are exported.
+pub type Describe = (std::borrow::Cow<'static, str>, Vec<opentelemetry::KeyValue>);
+
+/// Records a finished span (begun at `start`, ended now) as a child of `parent` (a caller's or
+/// another service's span), or as a new trace's root when there is none, named and described by
+/// `describe`; returns its `traceparent`, to send on with what it caused. Without an export,
+/// nothing is made or recorded and `fallback` is returned.
+pub fn span(
+    parent: Option<&TraceParent>,
+    kind: opentelemetry::trace::SpanKind,
+    start: std::time::SystemTime,
+    fallback: TraceParent,
+    describe: impl FnOnce() -> Describe,
+) -> TraceParent {
+    use opentelemetry::trace::{
+        Span as _, SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, Tracer as _,
+    };
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return fallback;
+    }
+    let (name, attributes) = describe();
+    let tracer = opentelemetry::global::tracer("saga-orchestrator");
+    let context = match parent {
+        Some(p) => opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes(p.trace_id),
+            SpanId::from_bytes(p.span_id),
+            TraceFlags::new(p.flags),
+            true,
+            TraceState::default(),
+        )),
+        None => opentelemetry::Context::new(),
+    };
+    let mut span = tracer
+        .span_builder(name)
+        .with_kind(kind)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &context);
+    let recorded = span.span_context().clone();
+    span.end();
+    if !recorded.is_valid() {
+        return fallback;
+    }
+    TraceParent {
+        trace_id: recorded.trace_id().to_bytes(),
+        span_id: recorded.span_id().to_bytes(),
+        flags: parent.map_or(1, |p| p.flags),
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,10 @@ struct Args {
     /// SERVICE:NAME=VALUE (e.g. orchestrator:KAFKA_BATCH_SIZE=500), to measure a setting.
     #[arg(long = "env")]
     env: Vec<String>,
+    /// Leave the notification service out (no saga waits for it): the system of issue 13's
+    /// targets, the orchestrator and the four participants.
+    #[arg(long)]
+    without_notification: bool,
     /// Instead of the search: hold this many sagas in flight (the payment service stopped, every
     /// timeout an hour), measuring the orchestrator's memory, then let them all finish.
     #[arg(long)]
@@ -115,7 +119,7 @@ impl Bench {
     async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let mut dwell = BTreeMap::new();
         let mut batch = Buckets::default();
-        for service in SERVICES {
+        for service in self.system.running() {
             let text = self.system.http.get(self.system.metrics_url(service)).send().await?.text().await?;
             dwell.insert(service, Buckets::parse(&text, DWELL));
             if service == "orchestrator" {
@@ -521,6 +525,9 @@ async fn main() -> anyhow::Result<()> {
             options = options.env(service, name, value);
         }
     }
+    if args.without_notification {
+        options = options.skip("notification");
+    }
     println!("bench: services from {}", saga_e2e::bin_dir().display());
     if let Some(hold) = args.hold {
         return hold_in_flight(&args, options, hold).await;
@@ -531,7 +538,7 @@ async fn main() -> anyhow::Result<()> {
     faults::stock_up(&system, &sku_refs, 1_000_000_000).await?;
     let pool = system.pool("orchestrator").await?;
     let mut single: BTreeMap<String, i32> = BTreeMap::new();
-    for service in SERVICES {
+    for service in system.running() {
         single.insert(service.to_owned(), system.pid(service)? as i32);
     }
     single.insert("driver".into(), std::process::id() as i32);
@@ -594,7 +601,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // Stop the services, then measure Postgres alone on the same tables.
-    for service in SERVICES {
+    for service in bench.system.running() {
         bench.system.kill(service).await?;
     }
     let pg = if args.pgbench_seconds > 0 {

@@ -92,7 +92,7 @@ impl BatchHandler for Inbound {
         let mut effects = Effects::default();
         let mut dead = Vec::new();
         let parsed: Vec<Result<Message, Reason>> = records.iter().map(|r| self.parse(r)).collect();
-        // One transaction, and four round trips and a commit, for the whole batch (see `writes`).
+        // One transaction, and about seven statements, for the whole batch (see `writes`).
         let mut writes = Writes::batched(&mut tx, self.handoff.is_some());
         let sagas: Vec<uuid::Uuid> = parsed
             .iter()
@@ -271,9 +271,9 @@ mod tests {
         }
     }
 
-    /// A batch is written in one statement whose parts do not see each other's rows: an attempt
-    /// the batch created and a reply in the same batch finished (only an early or forged reply
-    /// can) is written finished, as two statements in a row would leave it.
+    /// An attempt the batch created and a reply in the same batch finished (only an early or
+    /// forged reply can) is written finished: the batch's writes must see each other (they did
+    /// not, for a day, as the parts of one statement; ADR 18).
     #[tokio::test]
     async fn an_attempt_created_and_answered_in_one_batch_is_written_answered() {
         let (inbound, pool, name) = inbound("inbound_fold").await;

@@ -2,10 +2,9 @@
 //! the connection ([`Writes::direct`], for the timer loop and operators, one saga at a time), or
 //! for a whole consumed batch ([`Writes::batched`]): the batch's sagas and their pending attempts
 //! are locked and read in two statements (in id order, so replicas never deadlock), transitions
-//! run in memory against those rows, and [`Writes::flush`] writes each table once, all in one
-//! statement (a data-modifying `WITH` per table: the sagas' updates, the new attempts, the
-//! finished ones, the history, the outbox). A batch of N replies costs four round trips (begin,
-//! two reads, the flush) and a commit, instead of six statements per reply.
+//! run in memory against those rows, and [`Writes::flush`] writes each table once: one statement
+//! for every saga update, one per attempt insert and finish, one for the history, one for the
+//! outbox. A batch of N replies costs about seven statements instead of six per reply.
 //!
 //! The batched rows stay current as transitions apply, so several messages for one saga in one
 //! batch see each other's effects, as they would one transaction at a time.
@@ -17,16 +16,13 @@ use saga_defs::machine::{FinishedAttempt, StepCommand};
 use saga_defs::{SagaState, StepKind};
 use saga_runtime::outbox::{self, OutboxMessage};
 use serde_json::Value;
-use sqlx::{PgConnection, Row as _};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::store::{self, HistoryEntry, SagaRow, StoredJson, SAGA_COLUMNS};
 
 /// An attempt's identity: saga, step, kind, attempt.
 type AttemptKey = (Uuid, String, &'static str, i32);
-
-/// An attempt a batch finished: saga, how it ended, when.
-type Finished = (Uuid, FinishedAttempt, DateTime<Utc>);
 
 fn key(saga_id: Uuid, step: &str, kind: StepKind, attempt: u32) -> AttemptKey {
     (saga_id, step.to_owned(), kind.as_str(), attempt as i32)
@@ -48,7 +44,7 @@ struct Batch {
     /// Per saga: the version it had when locked, and the row to write.
     updates: BTreeMap<Uuid, (i64, SagaRow)>,
     new_attempts: Vec<(Uuid, StepCommand, DateTime<Utc>)>,
-    finished: Vec<Finished>,
+    finished: Vec<(Uuid, FinishedAttempt, DateTime<Utc>)>,
     history: Vec<OwnedHistory>,
     outbox: Vec<OutboxMessage>,
 }
@@ -287,31 +283,35 @@ impl<'c> Writes<'c> {
         flushed
     }
 
-    /// Writes everything buffered in one statement (a data-modifying `WITH` per table). Nothing
-    /// to do for a direct writer. The caller commits, then hands what is returned to the relay.
+    /// Writes everything buffered, each table in one statement. Nothing to do for a direct
+    /// writer. The caller commits, then hands what is returned to the relay.
     pub(crate) async fn flush(&mut self) -> sqlx::Result<Option<outbox::HandedOff>> {
         let Some(batch) = self.batch.as_mut() else { return Ok(None) };
+        let conn = &mut *self.conn;
         let updates = std::mem::take(&mut batch.updates);
-        let history = std::mem::take(&mut batch.history);
-        let messages = std::mem::take(&mut batch.outbox);
-        let (new_attempts, finished) =
-            fold_attempts(std::mem::take(&mut batch.new_attempts), std::mem::take(&mut batch.finished));
-        if updates.is_empty() && new_attempts.is_empty() && finished.is_empty() && history.is_empty() {
-            // Nothing but (perhaps) dead letters.
-            if self.handoff {
-                return outbox::insert_for_handoff(self.conn, messages).await.map(Some);
-            }
-            return outbox::insert(self.conn, &messages).await.map(|_| None);
-        }
-        let rows: Vec<&SagaRow> = updates.values().map(|(_, row)| row).collect();
-        let outputs: Vec<Value> = rows.iter().map(|r| r.outputs.or_placeholder()).collect();
-        let finished_columns: Vec<_> = finished.iter().map(|(_, f, _)| store::outcome_columns(&f.outcome)).collect();
-        let new_columns: Vec<_> =
-            new_attempts.iter().map(|a| a.outcome.as_ref().map(|(f, _)| store::outcome_columns(&f.outcome))).collect();
-        let query = sqlx::query(&FLUSH_SQL)
-            // The sagas' updates: $1..$20.
+        if !updates.is_empty() {
+            let rows: Vec<&SagaRow> = updates.values().map(|(_, row)| row).collect();
+            let expected: Vec<i64> = updates.values().map(|(v, _)| *v).collect();
+            let outputs: Vec<Value> = rows.iter().map(|r| r.outputs.or_placeholder()).collect();
+            let updated = sqlx::query(
+                "UPDATE saga_instances s SET
+                     status = u.status, step_index = u.step_index, step_name = u.step_name, step_kind = u.step_kind,
+                     attempt = u.attempt, first_attempt = u.first_attempt, waiting = u.waiting, wake_at = u.wake_at,
+                     failure_step = u.failure_step, failure_code = u.failure_code, failure_reason = u.failure_reason,
+                     attention_step = u.attention_step, attention_code = u.attention_code,
+                     attention_reason = u.attention_reason, outputs = u.outputs, version = u.version,
+                     updated_at = u.updated_at, ended_at = u.ended_at
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::int[],
+                             $8::int[], $9::text[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
+                             $14::text[], $15::text[], $16::text[], $17::jsonb[], $18::bigint[],
+                             $19::timestamptz[], $20::timestamptz[])
+                     AS u(id, expected, status, step_index, step_name, step_kind, attempt, first_attempt, waiting,
+                          wake_at, failure_step, failure_code, failure_reason, attention_step, attention_code,
+                          attention_reason, outputs, version, updated_at, ended_at)
+                 WHERE s.id = u.id AND s.version = u.expected",
+            )
             .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(updates.values().map(|(v, _)| *v).collect::<Vec<_>>())
+            .bind(&expected)
             .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.step_index).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.step_name.as_str()).collect::<Vec<_>>())
@@ -330,30 +330,67 @@ impl<'c> Writes<'c> {
             .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.ended_at).collect::<Vec<_>>())
-            // The new attempts: $21..$32.
-            .bind(new_attempts.iter().map(|a| a.saga_id).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.command.step_index as i32).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.command.step.as_str()).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.command.kind.as_str()).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.command.attempt as i32).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.started_at).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.command.deadline).collect::<Vec<_>>())
-            .bind(new_columns.iter().map(|c| c.map_or("PENDING", |c| c.0)).collect::<Vec<_>>())
-            .bind(new_columns.iter().map(|c| c.and_then(|c| c.1)).collect::<Vec<_>>())
-            .bind(new_columns.iter().map(|c| c.and_then(|c| c.2)).collect::<Vec<_>>())
-            .bind(new_columns.iter().map(|c| c.and_then(|c| c.3)).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|a| a.outcome.as_ref().map(|(_, at)| *at)).collect::<Vec<_>>())
-            // The attempts finished: $33..$41.
+            .execute(&mut *conn)
+            .await?;
+            if updated.rows_affected() != rows.len() as u64 {
+                // Rows locked by this transaction cannot have moved: something else wrote them.
+                return Err(sqlx::Error::Protocol(format!(
+                    "{} of {} saga updates found their version moved under a held lock",
+                    rows.len() as u64 - updated.rows_affected(),
+                    rows.len()
+                )));
+            }
+        }
+        let new_attempts = std::mem::take(&mut batch.new_attempts);
+        if !new_attempts.is_empty() {
+            sqlx::query(
+                "INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, status, started_at, deadline_at)
+                 SELECT u.saga_id, u.step_index, u.step_name, u.kind, u.attempt, 'PENDING', u.started_at, u.deadline_at
+                 FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::timestamptz[], $7::timestamptz[])
+                     AS u(saga_id, step_index, step_name, kind, attempt, started_at, deadline_at)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(new_attempts.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+            .bind(new_attempts.iter().map(|(_, c, _)| c.step_index as i32).collect::<Vec<_>>())
+            .bind(new_attempts.iter().map(|(_, c, _)| c.step.as_str()).collect::<Vec<_>>())
+            .bind(new_attempts.iter().map(|(_, c, _)| c.kind.as_str()).collect::<Vec<_>>())
+            .bind(new_attempts.iter().map(|(_, c, _)| c.attempt as i32).collect::<Vec<_>>())
+            .bind(new_attempts.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())
+            .bind(new_attempts.iter().map(|(_, c, _)| c.deadline).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+        }
+        let finished = std::mem::take(&mut batch.finished);
+        if !finished.is_empty() {
+            let columns: Vec<_> = finished.iter().map(|(_, f, _)| store::outcome_columns(&f.outcome)).collect();
+            sqlx::query(
+                "UPDATE saga_step_attempts a SET status = u.status, error_code = u.error_code,
+                     error_message = u.error_message, output = u.output, finished_at = u.finished_at
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
+                             $8::jsonb[], $9::timestamptz[])
+                     AS u(saga_id, step_name, kind, attempt, status, error_code, error_message, output, finished_at)
+                 WHERE a.saga_id = u.saga_id AND a.step_name = u.step_name AND a.kind = u.kind
+                     AND a.attempt = u.attempt AND a.status = 'PENDING'",
+            )
             .bind(finished.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
             .bind(finished.iter().map(|(_, f, _)| f.step.as_str()).collect::<Vec<_>>())
             .bind(finished.iter().map(|(_, f, _)| f.kind.as_str()).collect::<Vec<_>>())
             .bind(finished.iter().map(|(_, f, _)| f.attempt as i32).collect::<Vec<_>>())
-            .bind(finished_columns.iter().map(|c| c.0).collect::<Vec<_>>())
-            .bind(finished_columns.iter().map(|c| c.1).collect::<Vec<_>>())
-            .bind(finished_columns.iter().map(|c| c.2).collect::<Vec<_>>())
-            .bind(finished_columns.iter().map(|c| c.3).collect::<Vec<_>>())
+            .bind(columns.iter().map(|c| c.0).collect::<Vec<_>>())
+            .bind(columns.iter().map(|c| c.1).collect::<Vec<_>>())
+            .bind(columns.iter().map(|c| c.2).collect::<Vec<_>>())
+            .bind(columns.iter().map(|c| c.3).collect::<Vec<_>>())
             .bind(finished.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())
-            // The history: $42..$49.
+            .execute(&mut *conn)
+            .await?;
+        }
+        let history = std::mem::take(&mut batch.history);
+        if !history.is_empty() {
+            sqlx::query(
+                "INSERT INTO saga_history (saga_id, version, from_status, to_status, trigger, summary, detail, recorded_at)
+                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                      $7::jsonb[], $8::timestamptz[])",
+            )
             .bind(history.iter().map(|h| h.saga_id).collect::<Vec<_>>())
             .bind(history.iter().map(|h| h.version).collect::<Vec<_>>())
             .bind(history.iter().map(|h| h.from_status).collect::<Vec<_>>())
@@ -361,106 +398,14 @@ impl<'c> Writes<'c> {
             .bind(history.iter().map(|h| h.trigger.as_str()).collect::<Vec<_>>())
             .bind(history.iter().map(|h| h.summary.as_str()).collect::<Vec<_>>())
             .bind(history.iter().map(|h| &h.detail).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.now).collect::<Vec<_>>());
-        // The outbox: $50..$56.
-        let flushed = outbox::bind_insert(query, &messages, self.handoff).fetch_one(&mut *self.conn).await?;
-        let updated: i64 = flushed.try_get("updated")?;
-        if updated != rows.len() as i64 {
-            // Rows locked by this transaction cannot have moved: something else wrote them.
-            return Err(sqlx::Error::Protocol(format!(
-                "{} of {} saga updates found their version moved under a held lock",
-                rows.len() as i64 - updated,
-                rows.len()
-            )));
+            .bind(history.iter().map(|h| h.now).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
         }
-        let ids: Vec<i64> = flushed.try_get("outbox_ids")?;
-        Ok(self.handoff.then(|| outbox::HandedOff::new(ids, messages)))
+        let messages = std::mem::take(&mut batch.outbox);
+        if self.handoff {
+            return outbox::insert_for_handoff(conn, messages).await.map(Some);
+        }
+        outbox::insert(conn, &messages).await.map(|_| None)
     }
 }
-
-/// A pending attempt to insert; with its outcome when the same batch also finished it.
-struct NewAttempt {
-    saga_id: Uuid,
-    command: StepCommand,
-    started_at: DateTime<Utc>,
-    outcome: Option<(FinishedAttempt, DateTime<Utc>)>,
-}
-
-/// The attempts to insert (the first of each key, as `ON CONFLICT DO NOTHING` keeps) and those to
-/// finish. An attempt inserted and finished in one batch is inserted finished, since the parts of
-/// one statement do not see each other's rows.
-fn fold_attempts(
-    new: Vec<(Uuid, StepCommand, DateTime<Utc>)>,
-    finished: Vec<Finished>,
-) -> (Vec<NewAttempt>, Vec<Finished>) {
-    let mut index: HashMap<AttemptKey, usize> = HashMap::new();
-    let mut inserts: Vec<NewAttempt> = Vec::with_capacity(new.len());
-    for (saga_id, command, started_at) in new {
-        let key = key(saga_id, command.step.as_str(), command.kind, command.attempt);
-        if let std::collections::hash_map::Entry::Vacant(slot) = index.entry(key) {
-            slot.insert(inserts.len());
-            inserts.push(NewAttempt { saga_id, command, started_at, outcome: None });
-        }
-    }
-    let mut updates = Vec::with_capacity(finished.len());
-    for (saga_id, attempt, now) in finished {
-        match index.get(&key(saga_id, attempt.step.as_str(), attempt.kind, attempt.attempt)) {
-            Some(&i) if inserts[i].outcome.is_none() => inserts[i].outcome = Some((attempt, now)),
-            _ => updates.push((saga_id, attempt, now)),
-        }
-    }
-    (inserts, updates)
-}
-
-/// The statement [`Writes::flush`] runs: each part reads its own arrays, and an empty array makes
-/// its part a no-op.
-static FLUSH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH sagas AS (
-             UPDATE saga_instances s SET
-                 status = u.status, step_index = u.step_index, step_name = u.step_name, step_kind = u.step_kind,
-                 attempt = u.attempt, first_attempt = u.first_attempt, waiting = u.waiting, wake_at = u.wake_at,
-                 failure_step = u.failure_step, failure_code = u.failure_code, failure_reason = u.failure_reason,
-                 attention_step = u.attention_step, attention_code = u.attention_code,
-                 attention_reason = u.attention_reason, outputs = u.outputs, version = u.version,
-                 updated_at = u.updated_at, ended_at = u.ended_at
-             FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::int[],
-                         $8::int[], $9::text[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
-                         $14::text[], $15::text[], $16::text[], $17::jsonb[], $18::bigint[],
-                         $19::timestamptz[], $20::timestamptz[])
-                 AS u(id, expected, status, step_index, step_name, step_kind, attempt, first_attempt, waiting,
-                      wake_at, failure_step, failure_code, failure_reason, attention_step, attention_code,
-                      attention_reason, outputs, version, updated_at, ended_at)
-             WHERE s.id = u.id AND s.version = u.expected
-             RETURNING 1
-         ),
-         new_attempts AS (
-             INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, started_at, deadline_at,
-                                             status, error_code, error_message, output, finished_at)
-             SELECT * FROM UNNEST($21::uuid[], $22::int[], $23::text[], $24::text[], $25::int[],
-                                  $26::timestamptz[], $27::timestamptz[], $28::text[], $29::text[], $30::text[],
-                                  $31::jsonb[], $32::timestamptz[])
-             ON CONFLICT (saga_id, step_name, kind, attempt) DO UPDATE SET
-                 status = EXCLUDED.status, error_code = EXCLUDED.error_code,
-                 error_message = EXCLUDED.error_message, output = EXCLUDED.output, finished_at = EXCLUDED.finished_at
-             WHERE saga_step_attempts.status = 'PENDING' AND EXCLUDED.status <> 'PENDING'
-         ),
-         finished_attempts AS (
-             UPDATE saga_step_attempts a SET status = u.status, error_code = u.error_code,
-                 error_message = u.error_message, output = u.output, finished_at = u.finished_at
-             FROM UNNEST($33::uuid[], $34::text[], $35::text[], $36::int[], $37::text[], $38::text[], $39::text[],
-                         $40::jsonb[], $41::timestamptz[])
-                 AS u(saga_id, step_name, kind, attempt, status, error_code, error_message, output, finished_at)
-             WHERE a.saga_id = u.saga_id AND a.step_name = u.step_name AND a.kind = u.kind
-                 AND a.attempt = u.attempt AND a.status = 'PENDING'
-         ),
-         history AS (
-             INSERT INTO saga_history (saga_id, version, from_status, to_status, trigger, summary, detail, recorded_at)
-             SELECT * FROM UNNEST($42::uuid[], $43::bigint[], $44::text[], $45::text[], $46::text[], $47::text[],
-                                  $48::jsonb[], $49::timestamptz[])
-         ),
-         outbox AS ({} RETURNING id)
-         SELECT (SELECT count(*) FROM sagas) AS updated, ARRAY(SELECT id FROM outbox ORDER BY id) AS outbox_ids",
-        outbox::insert_sql(50)
-    )
-});

@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use saga_defs::contract::{HEADER_MESSAGE_TYPE, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
 use sqlx::postgres::PgListener;
-use sqlx::{PgConnection, PgPool, Row as _};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::OutboxConfig;
@@ -63,7 +63,7 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> sqlx
 /// there after its grace period. Returns the batch to hand off.
 pub async fn insert_for_handoff(conn: &mut PgConnection, messages: Vec<OutboxMessage>) -> sqlx::Result<HandedOff> {
     let ids = insert_rows(conn, &messages, true).await?;
-    Ok(HandedOff::new(ids, messages))
+    Ok(HandedOff { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() })
 }
 
 /// Inserts messages on the caller's connection, for the relay to publish on commit when
@@ -103,31 +103,6 @@ async fn insert_rows(conn: &mut PgConnection, messages: &[OutboxMessage], handed
     if messages.is_empty() {
         return Ok(Vec::new());
     }
-    let sql = format!("{} RETURNING id", insert_sql(1));
-    let rows = bind_insert(sqlx::query(&sql), messages, handed_off).fetch_all(conn).await?;
-    let mut ids = rows.iter().map(|row| row.try_get::<i64, _>(0)).collect::<sqlx::Result<Vec<_>>>()?;
-    ids.sort_unstable();
-    Ok(ids)
-}
-
-/// The outbox insert, for a caller that makes it part of a larger statement (a data-modifying
-/// `WITH`): its seven parameters are numbered from `first`; bind them with [`bind_insert`]. Ids
-/// are drawn in the order of the arrays, so they sort as the messages were given.
-pub fn insert_sql(first: usize) -> String {
-    let p: Vec<String> = (first..first + 7).map(|n| format!("${n}")).collect();
-    format!(
-        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
-         SELECT u.*, {6} FROM UNNEST({0}::text[], {1}::text[], {2}::text[], {3}::jsonb[], {4}::bytea[], {5}::jsonb[]) AS u",
-        p[0], p[1], p[2], p[3], p[4], p[5], p[6]
-    )
-}
-
-/// Binds the parameters of [`insert_sql`] for `messages`, in its order.
-pub fn bind_insert<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    messages: &'q [OutboxMessage],
-    handed_off: bool,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
     let types: Vec<Option<&str>> = messages.iter().map(|m| m.message_type).collect();
@@ -147,7 +122,23 @@ pub fn bind_insert<'q>(
         .collect();
     let headers: Vec<sqlx::types::Json<&[(String, String)]>> =
         messages.iter().map(|m| sqlx::types::Json(m.headers.as_slice())).collect();
-    query.bind(topics).bind(keys).bind(types).bind(payloads).bind(raws).bind(headers).bind(handed_off)
+    // Ids are drawn in the order of the arrays, so they sort as the messages were given.
+    let mut ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
+         SELECT u.*, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[], $6::jsonb[]) AS u
+         RETURNING id",
+    )
+    .bind(topics)
+    .bind(keys)
+    .bind(types)
+    .bind(payloads)
+    .bind(raws)
+    .bind(headers)
+    .bind(handed_off)
+    .fetch_all(conn)
+    .await?;
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Committed outbox rows and their messages, to publish now.
@@ -159,12 +150,6 @@ pub struct HandedOff {
 }
 
 impl HandedOff {
-    /// Rows a caller inserted itself with [`insert_sql`] (`handed_off` true): their ids, in the
-    /// order of `messages`.
-    pub fn new(ids: Vec<i64>, messages: Vec<OutboxMessage>) -> Self {
-        Self { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() }
-    }
-
     /// Counts from `started` instead (the start of the batch that wrote them).
     pub fn since(mut self, started: Instant) -> Self {
         self.started = started;

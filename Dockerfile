@@ -4,6 +4,14 @@
 # The dependencies are compiled in a layer of their own (cargo-chef), rebuilt only when
 # Cargo.toml or Cargo.lock change. Pin the base images by digest where the image is built, e.g.
 # FROM rust:1.95.0-bookworm@sha256:... (`docker buildx imagetools inspect rust:1.95.0-bookworm`).
+# The on-call web page (ADR 26), built from its lockfile; the orchestrator embeds it.
+FROM node:20.19.5-bookworm-slim AS ui
+WORKDIR /ui
+COPY orchestrator/ui/package.json orchestrator/ui/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY orchestrator/ui/ ./
+RUN npm run build -- --outDir /ui-dist
+
 FROM rust:1.95.0-bookworm AS chef
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src
@@ -18,6 +26,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
+COPY --from=ui /ui-dist /ui-dist
+ENV SAGA_UI_DIST=/ui-dist
 RUN cargo build --release --locked --workspace --bins
 
 # librdkafka links the system OpenSSL (ADR 13): libssl3 at run time. curl is for the runbook's

@@ -172,3 +172,26 @@ ensure_deploy_node() {
     (cd "$DEPLOY_NODE" && npm ci --silent --no-audit --no-fund >&2)
   fi
 }
+
+# Node.js 20.19 or later with npm: orchestrator/build.rs builds the web page with them (Vite 8).
+# This machine kind has it; Debian 12's own nodejs (18) is too old for Vite, so say so instead.
+ensure_node() {
+  if command -v npm >/dev/null 2>&1 &&
+    node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; then
+    return 0
+  fi
+  say "Node.js 20.19+ and npm are needed to build the orchestrator's web page (found: $(node --version 2>/dev/null || echo none))"
+  say "Install them (e.g. from nodejs.org or NodeSource), or set SAGA_UI_DIST to a page built elsewhere (ADR 26)"
+  return 1
+}
+
+# Debian's Chromium, for the web page's browser tests (playwright-core cannot download its own here).
+ensure_chromium() {
+  if [[ -x /usr/bin/chromium ]]; then
+    return 0
+  fi
+  say "Installing Chromium from Debian's packages (once)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >&2
+}

@@ -401,6 +401,7 @@ async fn the_openapi_document_lists_every_route_and_every_route_answers() -> any
         ("GET", "/api/v1/dead-letters"),
         ("POST", "/api/v1/dead-letters/replay"),
         ("GET", "/api/v1/retention"),
+        ("GET", "/api/v1/session"),
         ("GET", "/api/v1/openapi.json"),
     ]
     .map(|(m, p)| (m.to_owned(), p.to_owned()))

@@ -68,6 +68,13 @@ impl fmt::Debug for Auth {
     }
 }
 
+/// Whether tokens are checked, put in the request's extensions by [`require`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthMode {
+    Tokens,
+    Disabled,
+}
+
 /// Shortest secret accepted, so a token cannot be guessed.
 pub(crate) const MIN_SECRET_LEN: usize = 16;
 
@@ -213,6 +220,10 @@ pub(crate) async fn require(State(auth): State<Auth>, mut request: Request, next
         );
     }
     request.extensions_mut().insert(principal);
+    request.extensions_mut().insert(match auth {
+        Auth::Disabled => AuthMode::Disabled,
+        Auth::Tokens(_) => AuthMode::Tokens,
+    });
     next.run(request).await.into_response()
 }
 

@@ -11,6 +11,8 @@ mod operations;
 mod params;
 mod retention;
 mod sagas;
+mod session;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +24,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics::{counter, histogram};
 use sqlx::PgPool;
+use tower_http::compression::CompressionLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
 use utoipa::{Modify, OpenApi};
@@ -114,6 +117,7 @@ fn api() -> (Router<AppState>, OpenApiDoc) {
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::replay))
         .routes(routes!(retention::show))
+        .routes(routes!(session::show))
         .split_for_parts()
 }
 
@@ -146,6 +150,8 @@ pub(crate) fn router(state: AppState, auth: auth::Auth) -> Router {
     routes
         .with_state(state)
         .layer(middleware::from_fn_with_state(auth, auth::require))
+        // The page's assets need no token: what it shows comes from the API with the person's.
+        .merge(ui::router().layer(CompressionLayer::new()))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(track))
         .layer(middleware::from_fn(saga_runtime::trace::correlate))

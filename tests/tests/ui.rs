@@ -36,10 +36,27 @@ fn browser_tools(dir: &PathBuf) -> anyhow::Result<String> {
     Ok(chromium)
 }
 
-#[tokio::test]
-async fn the_on_call_page_works_in_a_real_browser() -> anyhow::Result<()> {
+/// Runs `tests/ui/ui.test.mjs` with `env`; its report, or an error if a test failed.
+async fn browser_tests(env: &[(&str, String)]) -> anyhow::Result<String> {
     let dir = workspace_root().join("tests/ui");
     let chromium = browser_tools(&dir)?;
+    let output = tokio::process::Command::new("node")
+        .args(["--test", "--test-reporter=spec", "ui.test.mjs"])
+        .current_dir(&dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("CHROMIUM", chromium)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(300), output).await??;
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    eprintln!("{report}");
+    anyhow::ensure!(output.status.success(), "the browser tests failed ({})", output.status);
+    Ok(report)
+}
+
+#[tokio::test]
+async fn the_on_call_page_works_in_a_real_browser() -> anyhow::Result<()> {
     // The fault definitions: 5 s timeouts and short backoffs, so a refund that keeps failing
     // parks its saga within seconds.
     let system = System::start_with(Options::default().fault_definitions()).await?;
@@ -68,23 +85,16 @@ async fn the_on_call_page_works_in_a_real_browser() -> anyhow::Result<()> {
     let shots = std::env::var("UI_SCREENSHOTS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| saga_e2e::bin_dir().join("ui-screenshots"));
-    let output = tokio::process::Command::new("node")
-        .args(["--test", "--test-reporter=spec", "ui.test.mjs"])
-        .current_dir(&dir)
-        .env("SAGA_URL", system.url("orchestrator", ""))
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("READ_TOKEN", READ_TOKEN)
-        .env("DECLINED_ORDER", declined_saga["business_key"].as_str().unwrap_or_default())
-        .env("PARKED_SAGA", &parked)
-        .env("SCREENSHOTS", &shots)
-        .env("CHROMIUM", chromium)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(300), output).await??;
-    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    eprintln!("{report}\nscreenshots in {}", shots.display());
-    anyhow::ensure!(output.status.success(), "the browser tests failed ({})", output.status);
+    let env = [
+        ("SAGA_URL", system.url("orchestrator", "")),
+        ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("READ_TOKEN", READ_TOKEN.to_owned()),
+        ("DECLINED_ORDER", declined_saga["business_key"].as_str().unwrap_or_default().to_owned()),
+        ("PARKED_SAGA", parked.clone()),
+        ("SCREENSHOTS", shots.display().to_string()),
+    ];
+    let report = browser_tests(&env).await?;
+    anyhow::ensure!(report.contains("ℹ fail 0") && !report.contains("ℹ pass 0"), "{report}");
 
     // What the page did, seen from the API: one retry (the double click acted once), and the
     // saga finished its compensations.
@@ -135,7 +145,8 @@ async fn the_session_says_who_the_token_is() -> anyhow::Result<()> {
     system.stop().await
 }
 
-/// With auth off (local development) the session says so, and the page shows it in a banner.
+/// With auth off (local development) the session says so, and the page opens without sign-in
+/// and shows it in a banner.
 #[tokio::test]
 async fn with_auth_off_the_session_says_so() -> anyhow::Result<()> {
     let options =
@@ -146,5 +157,8 @@ async fn with_auth_off_the_session_says_so() -> anyhow::Result<()> {
     assert_eq!(response.status(), 200);
     let session: Value = response.json().await?;
     assert_eq!((session["auth"].as_str(), session["scope"].as_str()), (Some("disabled"), Some("admin")), "{session}");
+    // In the browser: no sign-in, and the banner.
+    let report = browser_tests(&[("AUTH_OFF", "1".to_owned()), ("SAGA_URL", system.url("orchestrator", ""))]).await?;
+    anyhow::ensure!(report.contains("ℹ pass 1") && report.contains("ℹ fail 0"), "{report}");
     system.stop().await
 }

@@ -9,9 +9,11 @@ import { createRequire } from "node:module";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
+// AUTH_OFF=1: the system runs with AUTH_DISABLED, and only the test of that case runs.
+const AUTH_OFF = !!process.env.AUTH_OFF;
 const env = (name) => {
   const value = process.env[name];
-  assert.ok(value, `${name} is set`);
+  assert.ok(value || AUTH_OFF, `${name} is set`);
   return value;
 };
 const BASE = env("SAGA_URL");
@@ -20,7 +22,9 @@ const READER = env("READ_TOKEN");
 const DECLINED_ORDER = env("DECLINED_ORDER");
 const PARKED = env("PARKED_SAGA");
 const SHOTS = env("SCREENSHOTS");
-mkdirSync(SHOTS, { recursive: true });
+if (SHOTS) mkdirSync(SHOTS, { recursive: true });
+/** The options of every test of the system with tokens. */
+const withTokens = { skip: AUTH_OFF && "this run is the auth-off one" };
 
 const AXE = readFileSync(createRequire(import.meta.url).resolve("axe-core/axe.min.js"), "utf8");
 
@@ -74,7 +78,7 @@ async function signIn(page, token) {
   await page.getByRole("navigation", { name: "Main" }).waitFor();
 }
 
-test("the overview shows the sample failures, each number a link to the list", async () => {
+test("the overview shows the sample failures, each number a link to the list", withTokens, async () => {
   const page = await tab(ADMIN);
   const hour = page.getByRole("region", { name: "Last hour" });
   await hour.getByRole("table", { name: "Failures by code" }).getByText("PAYMENT_DECLINED").waitFor();
@@ -89,7 +93,7 @@ test("the overview shows the sample failures, each number a link to the list", a
   assert.deepEqual(page.errors, []);
 });
 
-test("FAILED + charge_payment finds the declined order; its page shows why and what was undone", async () => {
+test("FAILED + charge_payment finds the declined order; its page shows why and what was undone", withTokens, async () => {
   const page = await tab(ADMIN);
   await page.getByRole("link", { name: "Sagas", exact: true }).click();
   await page.getByRole("checkbox", { name: "FAILED" }).check();
@@ -131,7 +135,7 @@ test("FAILED + charge_payment finds the declined order; its page shows why and w
   assert.deepEqual(page.errors, []);
 });
 
-test("bulk retry shows exactly what it would touch first, and cancelling touches nothing", async () => {
+test("bulk retry shows exactly what it would touch first, and cancelling touches nothing", withTokens, async () => {
   const page = await tab(ADMIN);
   const acts = [];
   page.on("request", (r) => r.url().includes("/bulk-retry") && acts.push(JSON.parse(r.postData() ?? "{}")));
@@ -146,7 +150,7 @@ test("bulk retry shows exactly what it would touch first, and cancelling touches
   assert.deepEqual(page.errors, []);
 });
 
-test("an admin replays a dead letter after its dry run", async () => {
+test("an admin replays a dead letter after its dry run", withTokens, async () => {
   const page = await tab(ADMIN);
   await page.getByRole("link", { name: "Dead letters" }).click();
   const row = page.getByRole("row").filter({ hasText: "invalid_json" });
@@ -164,7 +168,7 @@ test("an admin replays a dead letter after its dry run", async () => {
   assert.deepEqual(page.errors, []);
 });
 
-test("an admin retries a NEEDS_ATTENTION saga from its page, a double click acts once, and it finishes", async () => {
+test("an admin retries a NEEDS_ATTENTION saga from its page, a double click acts once, and it finishes", withTokens, async () => {
   const page = await tab(ADMIN);
   await page.goto(`${BASE}/ui/sagas/${PARKED}`);
   const why = page.getByRole("status").filter({ hasText: "Stopped for a human" });
@@ -195,7 +199,7 @@ test("an admin retries a NEEDS_ATTENTION saga from its page, a double click acts
   assert.deepEqual(page.errors, []);
 });
 
-test("a read token sees no action, and forcing one is refused with a clear message", async () => {
+test("a read token sees no action, and forcing one is refused with a clear message", withTokens, async () => {
   const page = await tab(READER);
   await page.goto(`${BASE}/ui/sagas?status=FAILED`);
   await page.getByRole("table").getByRole("row").nth(1).waitFor();
@@ -221,7 +225,7 @@ test("a read token sees no action, and forcing one is refused with a clear messa
   assert.deepEqual(page.errors, []);
 });
 
-test("a wrong token lands on sign-in with a message, and the deep link is kept", async () => {
+test("a wrong token lands on sign-in with a message, and the deep link is kept", withTokens, async () => {
   const page = await tab(null);
   await page.goto(`${BASE}/ui/sagas/${PARKED}`);
   await page.getByLabel("API token").fill("not-a-token-of-this-orchestrator");
@@ -237,7 +241,7 @@ test("a wrong token lands on sign-in with a message, and the deep link is kept",
   assert.equal(await page.evaluate(() => sessionStorage.getItem("saga-orchestrator.token")), null);
 });
 
-test("every page passes axe-core's WCAG 2.1 AA checks, in light and in dark", async () => {
+test("every page passes axe-core's WCAG 2.1 AA checks, in light and in dark", withTokens, async () => {
   for (const colorScheme of ["light", "dark"]) {
     // bypassCSP: axe is injected inline, which the page's policy (rightly) forbids.
     const page = await tab(ADMIN, { colorScheme, bypassCSP: true });
@@ -255,7 +259,7 @@ test("every page passes axe-core's WCAG 2.1 AA checks, in light and in dark", as
   assert.deepEqual(await accessibility(signIn), [], "sign-in");
 });
 
-test("on a phone, in dark mode, the saga page is usable and nothing overflows the screen", async () => {
+test("on a phone, in dark mode, the saga page is usable and nothing overflows the screen", withTokens, async () => {
   const page = await tab(ADMIN, { viewport: { width: 390, height: 844 }, colorScheme: "dark", isMobile: true });
   await page.goto(`${BASE}/ui/sagas/${PARKED}`);
   await page.getByRole("heading", { name: "Steps" }).waitFor();
@@ -267,4 +271,15 @@ test("on a phone, in dark mode, the saga page is usable and nothing overflows th
   // Keyboard: the first Tab reaches the skip link.
   await page.keyboard.press("Tab");
   assert.equal(await page.evaluate(() => document.activeElement?.textContent), "Skip to content");
+});
+
+test("with auth off, the page opens without sign-in and a banner says so", { skip: !AUTH_OFF }, async () => {
+  const page = await tab(null);
+  await page.goto(`${BASE}/ui/`);
+  const banner = page.getByRole("status").filter({ hasText: "Authentication is off (AUTH_DISABLED)" });
+  await banner.waitFor();
+  await page.getByRole("heading", { name: "Overview" }).waitFor();
+  assert.equal(await page.getByLabel("API token").count(), 0);
+  assert.match(await page.getByRole("banner").textContent(), /no sign-in/);
+  assert.deepEqual(page.errors, []);
 });

@@ -78,7 +78,7 @@ impl AppState {
 /// List dead letters of every consumer (orchestrator and participants), newest first, with
 /// where each came from, why, its original payload and headers, and whether it was replayed.
 #[utoipa::path(
-    get, path = "/api/v1/dead-letters", tag = "dead-letters",
+    get, path = "/api/v1/dead-letters", operation_id = "list_dead_letters", tag = "dead-letters",
     params(ListParams),
     responses(
         (status = 200, body = DeadLetterPage),
@@ -170,7 +170,7 @@ pub(crate) struct ReplayResult {
 /// dlq-replayed-from), once the cause is fixed. Each replay is recorded; a dead letter already
 /// replayed is skipped unless `force`.
 #[utoipa::path(
-    post, path = "/api/v1/dead-letters/replay", tag = "dead-letters",
+    post, path = "/api/v1/dead-letters/replay", operation_id = "replay_dead_letters", tag = "dead-letters",
     request_body = ReplayBody,
     responses(
         (status = 200, body = ReplayResult),

@@ -41,7 +41,7 @@ pub(crate) struct DefinitionList {
 
 /// The loaded saga definitions, every version.
 #[utoipa::path(
-    get, path = "/api/v1/saga-definitions", tag = "definitions",
+    get, path = "/api/v1/saga-definitions", operation_id = "list_saga_definitions", tag = "definitions",
     responses((status = 200, body = DefinitionList)),
     security(("bearer" = ["read"]))
 )]
@@ -56,7 +56,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Json<DefinitionList> 
 
 /// The versions of one saga type, newest first.
 #[utoipa::path(
-    get, path = "/api/v1/saga-definitions/{name}", tag = "definitions",
+    get, path = "/api/v1/saga-definitions/{name}", operation_id = "get_saga_definition", tag = "definitions",
     params(("name" = String, Path, description = "The saga type")),
     responses(
         (status = 200, body = DefinitionList),

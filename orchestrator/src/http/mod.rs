@@ -179,3 +179,25 @@ async fn track(request: Request, next: Next) -> Response {
         .record(started.elapsed().as_secs_f64());
     response
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every operation has its own operationId: tools key links and clients by it (schemathesis
+    /// followed a link to the wrong route while three handlers were all called `show`).
+    #[test]
+    fn operation_ids_are_unique() {
+        let doc = serde_json::to_value(super::openapi()).unwrap();
+        let mut ids: Vec<String> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                if path == "/api/v1/openapi.json" {
+                    continue;
+                }
+                let id = operation["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path} has no id"));
+                assert!(!ids.iter().any(|i| i == id), "{method} {path}: operationId {id} is used twice");
+                ids.push(id.to_owned());
+            }
+        }
+        assert_eq!(ids.len(), 14, "{ids:?}");
+    }
+}

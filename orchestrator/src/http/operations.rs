@@ -185,7 +185,7 @@ async fn act_on_one(
 /// Retry a saga from where it stopped: the failed compensation of a NEEDS_ATTENTION saga, or
 /// the current step of a stuck one (sent again now, with a fresh retry budget).
 #[utoipa::path(
-    post, path = "/api/v1/sagas/{id}/retry", tag = "operations",
+    post, path = "/api/v1/sagas/{id}/retry", operation_id = "retry_saga", tag = "operations",
     params(
         ("id" = String, Path, description = "The saga id"),
         ("Idempotency-Key" = Option<String>, Header, description = "The same key again returns the first response without acting twice"),
@@ -212,7 +212,7 @@ pub(crate) async fn retry(
 
 /// Abort a running saga: stop it and compensate, in reverse order, every step it may have done.
 #[utoipa::path(
-    post, path = "/api/v1/sagas/{id}/abort", tag = "operations",
+    post, path = "/api/v1/sagas/{id}/abort", operation_id = "abort_saga", tag = "operations",
     params(
         ("id" = String, Path, description = "The saga id"),
         ("Idempotency-Key" = Option<String>, Header, description = "The same key again returns the first response without acting twice"),
@@ -282,7 +282,7 @@ pub(crate) struct BulkResult {
 /// Retry every saga matching a filter, at most `limit`, oldest first; `dry_run` shows what would
 /// be touched. All retries are one transaction, each with its audit entry.
 #[utoipa::path(
-    post, path = "/api/v1/sagas/bulk-retry", tag = "operations",
+    post, path = "/api/v1/sagas/bulk-retry", operation_id = "bulk_retry_sagas", tag = "operations",
     params(("Idempotency-Key" = Option<String>, Header, description = "The same key again returns the first response without acting twice")),
     request_body = BulkRetryBody,
     responses(
@@ -390,7 +390,7 @@ pub(crate) struct AuditLog {
 
 /// The operator actions taken on a saga: who, when, what, why, and the state before and after.
 #[utoipa::path(
-    get, path = "/api/v1/sagas/{id}/audit", tag = "operations",
+    get, path = "/api/v1/sagas/{id}/audit", operation_id = "get_saga_audit_log", tag = "operations",
     params(("id" = String, Path, description = "The saga id")),
     responses(
         (status = 200, body = AuditLog),

@@ -45,7 +45,7 @@ pub(crate) struct RetentionView {
 
 /// What is kept, for how long, and what retention deleted.
 #[utoipa::path(
-    get, path = "/api/v1/retention", tag = "operations",
+    get, path = "/api/v1/retention", operation_id = "get_retention", tag = "operations",
     responses(
         (status = 200, body = RetentionView),
         (status = 503, description = "The database did not answer", body = Problem, content_type = "application/problem+json"),

@@ -59,7 +59,7 @@ pub(crate) fn idempotency_key(headers: &HeaderMap, required: bool) -> Result<Opt
 /// Start a saga. The same `Idempotency-Key` with the same body returns the saga started first
 /// (200); with a different body, 422.
 #[utoipa::path(
-    post, path = "/api/v1/sagas", tag = "sagas",
+    post, path = "/api/v1/sagas", operation_id = "start_saga", tag = "sagas",
     request_body = StartBody,
     params(("Idempotency-Key" = String, Header, description = "Required: one saga per key and saga type")),
     responses(
@@ -301,7 +301,7 @@ pub(crate) struct SagaDetail {
 /// Get one saga: input (redacted), status, every step with its attempts, the compensations and
 /// the history of transitions.
 #[utoipa::path(
-    get, path = "/api/v1/sagas/{id}", tag = "sagas",
+    get, path = "/api/v1/sagas/{id}", operation_id = "get_saga", tag = "sagas",
     params(("id" = String, Path, description = "The saga id (a UUID)")),
     responses(
         (status = 200, body = SagaDetail),
@@ -434,7 +434,7 @@ pub(crate) struct SagaPage {
 
 /// List sagas, newest first, with filters and keyset pagination.
 #[utoipa::path(
-    get, path = "/api/v1/sagas", tag = "sagas",
+    get, path = "/api/v1/sagas", operation_id = "list_sagas", tag = "sagas",
     params(FilterSpec, PageParams),
     responses(
         (status = 200, body = SagaPage),
@@ -532,7 +532,7 @@ pub(crate) struct SagaStats {
 
 /// Saga counts, success rate, failures by step and code, and durations over a window.
 #[utoipa::path(
-    get, path = "/api/v1/sagas/stats", tag = "sagas",
+    get, path = "/api/v1/sagas/stats", operation_id = "saga_stats", tag = "sagas",
     params(StatsParams),
     responses(
         (status = 200, body = SagaStats),

@@ -21,7 +21,7 @@ pub(crate) struct Session {
 
 /// The caller: the token's name and scope, and whether authentication is on.
 #[utoipa::path(
-    get, path = "/api/v1/session", tag = "definitions",
+    get, path = "/api/v1/session", operation_id = "get_session", tag = "definitions",
     responses(
         (status = 200, body = Session),
         (status = 401, description = "No token, or not a valid one", body = Problem, content_type = "application/problem+json"),

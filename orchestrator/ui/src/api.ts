@@ -262,6 +262,7 @@ export const api = {
       dryRun ? { filter, limit, dry_run: true } : { filter, limit, reason },
       dryRun ? undefined : key,
     ),
+  definitions: () => request<{ items: { name: string; version: number }[] }>("GET", "/api/v1/saga-definitions"),
   deadLetters: (query: URLSearchParams) => request<DeadLetterPage>("GET", `/api/v1/dead-letters?${query}`),
   replay: (ids: string[], reason: string | null, dryRun: boolean, force: boolean) =>
     request<ReplayResult>(

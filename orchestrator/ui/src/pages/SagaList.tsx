@@ -47,6 +47,8 @@ export function SagaList() {
   const [bulk, setBulk] = useState(false);
   const key = params.toString();
   const page = useLoad(() => api.list(apiQuery(params)), key);
+  const definitions = useLoad(() => api.definitions(), "definitions");
+  const types = [...new Set(definitions.data?.items.map((d) => d.name) ?? [])].sort();
   const firstPage = !params.has("cursor");
   useLiveRefresh(live && firstPage, 10, () => page.reload());
 
@@ -105,9 +107,21 @@ export function SagaList() {
         {TEXT_FILTERS.map(([name, label, hint]) => (
           <label key={name}>
             {label}
-            <input name={name} type="text" maxLength={255} placeholder={hint} defaultValue={params.get(name) ?? ""} />
+            <input
+              name={name}
+              type="text"
+              maxLength={255}
+              placeholder={hint}
+              defaultValue={params.get(name) ?? ""}
+              list={name === "saga_type" ? "saga-types" : undefined}
+            />
           </label>
         ))}
+        <datalist id="saga-types">
+          {types.map((t) => (
+            <option key={t} value={t} />
+          ))}
+        </datalist>
         <label>
           Created within
           <select name="window">

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use saga_e2e::{order_body, workspace_root, Options, System, ADMIN_TOKEN, READ_TOKEN};
+use saga_e2e::{charge_input, order_body, workspace_root, Options, System, ADMIN_TOKEN, READ_TOKEN};
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(90);
@@ -146,19 +146,30 @@ async fn the_session_says_who_the_token_is() -> anyhow::Result<()> {
 }
 
 /// With auth off (local development) the session says so, and the page opens without sign-in
-/// and shows it in a banner.
+/// and shows it in a banner; an abort from the page (anyone may act, as "anonymous").
 #[tokio::test]
 async fn with_auth_off_the_session_says_so() -> anyhow::Result<()> {
     let options =
         Options { skip: vec!["order", "inventory", "payment", "fulfilment", "notification"], ..Options::default() }
-            .env("orchestrator", "AUTH_DISABLED", "true");
+            .env("orchestrator", "AUTH_DISABLED", "true")
+            .test_definitions();
     let system = System::start_with(options).await?;
+    // Waits for inventory, which is not running: a saga to abort from the page.
+    let running = system.start_saga("ops-slow", &charge_input("SKU-UI", 1, "tok_visa"), "ui-abort").await?;
+    system.wait_status(&running, "RUNNING", SETTLE).await?;
     let response = reqwest::get(system.url("orchestrator", "/api/v1/session")).await?;
     assert_eq!(response.status(), 200);
     let session: Value = response.json().await?;
     assert_eq!((session["auth"].as_str(), session["scope"].as_str()), (Some("disabled"), Some("admin")), "{session}");
-    // In the browser: no sign-in, and the banner.
-    let report = browser_tests(&[("AUTH_OFF", "1".to_owned()), ("SAGA_URL", system.url("orchestrator", ""))]).await?;
-    anyhow::ensure!(report.contains("ℹ pass 1") && report.contains("ℹ fail 0"), "{report}");
+    // In the browser: no sign-in, the banner, and an abort.
+    let env =
+        [("AUTH_OFF", "1".to_owned()), ("SAGA_URL", system.url("orchestrator", "")), ("RUNNING_SAGA", running.clone())];
+    let report = browser_tests(&env).await?;
+    anyhow::ensure!(report.contains("ℹ pass 2") && report.contains("ℹ fail 0"), "{report}");
+    let (_, audit) = system.api_get(&format!("/api/v1/sagas/{running}/audit")).await?;
+    let entries = audit["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{audit:#}");
+    assert_eq!((entries[0]["action"].as_str(), entries[0]["actor"].as_str()), (Some("ABORT"), Some("anonymous")));
+    assert_eq!(system.saga(&running).await?["status"], "COMPENSATING");
     system.stop().await
 }

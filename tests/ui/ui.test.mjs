@@ -283,3 +283,23 @@ test("with auth off, the page opens without sign-in and a banner says so", { ski
   assert.match(await page.getByRole("banner").textContent(), /no sign-in/);
   assert.deepEqual(page.errors, []);
 });
+
+test("with auth off, a running saga is aborted from its page and starts compensating", { skip: !AUTH_OFF }, async () => {
+  const running = env("RUNNING_SAGA");
+  const page = await tab(null);
+  await page.goto(`${BASE}/ui/sagas/${running}`);
+  const why = page.getByRole("status").filter({ hasText: "Waiting for the reply to reserve_inventory (attempt 1)" });
+  await why.waitFor();
+  assert.match(await why.textContent(), /it times out in/);
+  await page.getByRole("button", { name: "Abort…" }).click();
+  const dialog = page.getByRole("dialog", { name: "Abort this saga" });
+  await dialog.getByLabel(/Reason/).fill("customer cancelled (UI test)");
+  await dialog.getByRole("button", { name: "Abort", exact: true }).click();
+  await dialog.getByRole("status").filter({ hasText: "RUNNING → COMPENSATING" }).waitFor();
+  await dialog.getByRole("button", { name: "Close" }).click();
+  await page.locator("h1 .badge", { hasText: "COMPENSATING" }).waitFor();
+  await page.getByRole("status").filter({ hasText: "the compensation of reserve_inventory" }).waitFor();
+  assert.equal(await page.getByRole("button", { name: "Abort…" }).count(), 0, "no abort while compensating");
+  await page.getByRole("table", { name: "Audit log" }).getByText("customer cancelled (UI test)").waitFor();
+  assert.deepEqual(page.errors, []);
+});

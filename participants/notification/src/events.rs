@@ -138,6 +138,13 @@ impl BatchHandler for Notifier {
                 Err(reason) => dead.push((dead_letter::message("notification-service", record, &reason), reason.label)),
             }
         }
+        if notifications.is_empty() && dead.is_empty() {
+            // Most events notify nobody (every saga's start): nothing to write, no transaction.
+            for reason in skipped {
+                counter!(SKIPPED, "reason" => reason).increment(1);
+            }
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         // One statement for the batch; an event already recorded (redelivered) is left as it was.
         let sent: Vec<String> = sqlx::query_scalar(

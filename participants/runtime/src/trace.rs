@@ -23,18 +23,13 @@ pub struct TraceParent {
     pub flags: u8,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
+/// `N` bytes from `2 N` lower-case hex digits (the recommendation refuses upper case).
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != N * 2 || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[i * 2..i * 2 + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 
@@ -97,11 +92,11 @@ impl TraceParent {
     }
 
     pub fn trace_id(&self) -> String {
-        hex(&self.trace_id)
+        hex::encode(self.trace_id)
     }
 
     pub fn span_id(&self) -> String {
-        hex(&self.span_id)
+        hex::encode(self.span_id)
     }
 
     /// The header value.

@@ -242,14 +242,9 @@ export function SagaList() {
 
 /** Bulk retry: a dry run first, showing exactly which sagas would be touched, then the real one. */
 function BulkRetry({ params, onClose }: { params: URLSearchParams; onClose: (acted: boolean) => void }) {
-  const query = apiQuery(params);
-  const filter: Record<string, unknown> = {};
-  for (const [name, value] of query) {
-    if (name === "limit" || name === "cursor") continue;
-    if (name === "status") filter.status = [...((filter.status as string[]) ?? []), ...value.split(",")];
-    else if (name === "past_deadline") filter.past_deadline = value === "true";
-    else filter[name] = value;
-  }
+  // Fixed when the dialog opens: a relative window resolves to a time once, so the dry run and
+  // the retry touch the same sagas, and a re-render asks nothing again.
+  const [filter] = useState(() => bulkFilter(params));
   const limit = 500;
   const preview = useLoad<BulkResult>(() => api.bulkRetry(filter, limit, true, null, ""), JSON.stringify(filter));
   const wouldRetry = preview.data?.items.filter((i) => i.result === "would_retry") ?? [];
@@ -289,6 +284,18 @@ function BulkRetry({ params, onClose }: { params: URLSearchParams; onClose: (act
       )}
     </ConfirmDialog>
   );
+}
+
+/** The bulk retry's filter: the list's filters as the API's JSON body takes them. */
+function bulkFilter(params: URLSearchParams): Record<string, unknown> {
+  const filter: Record<string, unknown> = {};
+  for (const [name, value] of apiQuery(params)) {
+    if (name === "limit" || name === "cursor") continue;
+    if (name === "status") filter.status = [...((filter.status as string[]) ?? []), ...value.split(",")];
+    else if (name === "past_deadline") filter.past_deadline = value === "true";
+    else filter[name] = value;
+  }
+  return filter;
 }
 
 function toLocalInput(iso: string | null): string {

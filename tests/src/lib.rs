@@ -617,6 +617,21 @@ impl System {
         .await?
     }
 
+    /// Creates topics of this system (names without the prefix), three partitions each, as an
+    /// operator would where the services do not create their own (`KAFKA_CREATE_TOPICS=false`).
+    pub async fn create_topics(&self, names: &[&str]) -> anyhow::Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let names: Vec<String> = names.iter().map(|n| format!("{}{n}", self.topic_prefix())).collect();
+        let topics: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 3, TopicReplication::Fixed(1))).collect();
+        for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+            result.map_err(|(topic, code)| anyhow::anyhow!("cannot create {topic}: {code}"))?;
+        }
+        Ok(())
+    }
+
     /// Deletes every topic (those named with its prefix) and consumer group of this system.
     pub async fn delete_topics(&self) -> anyhow::Result<()> {
         use rdkafka::admin::{AdminClient, AdminOptions};
@@ -736,6 +751,7 @@ impl System {
                 out.push_str(&format!("  {}\n", line.chars().take(400).collect::<String>()));
             }
         }
+        out.push_str(&format!("--- a fresh client, now: {}\n", self.fresh_client_probe().await));
         if let Ok(log) = std::fs::read_to_string(self.log_dir.join("kafka.log")) {
             let lines: Vec<&str> = log.lines().collect();
             out.push_str("--- private broker, last lines:\n");
@@ -744,6 +760,74 @@ impl System {
             }
         }
         out
+    }
+
+    /// Whether the broker answers a client that was not there before: metadata, each partition's
+    /// watermarks (ListOffsets) and a fetch of the newest message of the start-request topic, each
+    /// timed. When the services' clients wait for answers that never come, this tells whether the
+    /// broker or their connections are at fault.
+    async fn fresh_client_probe(&self) -> String {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let topic = format!("{}saga-start-requests", self.topic_prefix());
+        let brokers = self.brokers.clone();
+        let probe = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "e2e-probe")
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let timeout = Duration::from_secs(5);
+            let started = Instant::now();
+            let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let mut out = format!("metadata in {:?}", started.elapsed());
+            let mut newest = None;
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                let started = Instant::now();
+                match consumer.fetch_watermarks(&topic, partition.id(), timeout) {
+                    Ok((low, high)) => {
+                        out.push_str(&format!(
+                            "; {topic}/{} offsets {low}..{high} in {:?}",
+                            partition.id(),
+                            started.elapsed()
+                        ));
+                        if high > low {
+                            newest = Some((partition.id(), high - 1));
+                        }
+                    }
+                    Err(e) => out.push_str(&format!(
+                        "; {topic}/{} no offsets after {:?}: {e}",
+                        partition.id(),
+                        started.elapsed()
+                    )),
+                }
+            }
+            if let Some((partition, offset)) = newest {
+                let mut list = rdkafka::TopicPartitionList::new();
+                list.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(offset))?;
+                consumer.assign(&list)?;
+                let started = Instant::now();
+                let fetched = loop {
+                    match consumer.poll(Duration::from_millis(200)) {
+                        Some(Ok(_)) => {
+                            break format!(
+                                "fetched offset {offset} of partition {partition} in {:?}",
+                                started.elapsed()
+                            )
+                        }
+                        Some(Err(e)) => break format!("fetch failed after {:?}: {e}", started.elapsed()),
+                        None if started.elapsed() > timeout => break format!("nothing fetched in {timeout:?}"),
+                        None => {}
+                    }
+                };
+                out.push_str(&format!("; {fetched}"));
+            }
+            Ok(out)
+        });
+        match probe.await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => format!("failed: {e}"),
+            Err(e) => format!("panicked: {e}"),
+        }
     }
 
     pub async fn pool(&self, service: &str) -> anyhow::Result<PgPool> {

@@ -57,7 +57,9 @@ pub struct KafkaConfig {
     /// (credentials, certificates, security protocol) end the start-up at once, with the reason.
     #[arg(long, env = "KAFKA_CONNECT_TIMEOUT_MS", default_value = "30000", value_parser = parse_millis)]
     pub kafka_connect_timeout: Duration,
-    /// Create the topics this service uses when they are missing (turn off where topics are managed elsewhere).
+    /// Create the topics this service uses when they are missing (turn off where topics are managed
+    /// elsewhere). Either way its consumer waits up to 30 s for the broker to list the topics it
+    /// consumes, then the service stops, naming those missing.
     #[arg(long, env = "KAFKA_CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub kafka_create_topics: bool,
     /// Partitions of topics this service creates.
@@ -98,7 +100,22 @@ impl KafkaConfig {
             batch_wait: self.kafka_batch_timeout,
             max_failures: self.consumer_max_failures,
             stall_timeout: self.consumer_stall_timeout,
+            probe_budget: self.probe_budget(),
         }
+    }
+
+    /// How long a starvation probe may wait for the broker's answers. The probe's requests share
+    /// the consumer's connection, where the broker answers in order: behind a fetch that waits
+    /// up to `fetch.wait.max.ms` for messages (librdkafka's default 500 ms), which an idle
+    /// consumer always has in flight. Two seconds more than that wait.
+    pub fn probe_budget(&self) -> Duration {
+        let fetch_wait = self
+            .kafka_consumer_properties
+            .get("fetch.wait.max.ms")
+            .or_else(|| self.kafka_properties.get("fetch.wait.max.ms"))
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .unwrap_or(500);
+        Duration::from_millis(fetch_wait) + Duration::from_secs(2)
     }
 
     /// The full name of a topic, with the configured prefix.

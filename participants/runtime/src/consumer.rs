@@ -100,6 +100,8 @@ pub struct Settings {
     /// How long a consumer may be out of its group, or starved of messages that wait for it,
     /// before it is replaced ([`GroupWatch`]); zero never replaces it.
     pub stall_timeout: Duration,
+    /// How long one starvation probe may wait for the broker ([`GroupWatch`]).
+    pub probe_budget: Duration,
 }
 
 pub(crate) const CONSUMED: &str = "saga_consumer_messages_total";
@@ -165,7 +167,7 @@ pub async fn run(
             drop(consumer);
         });
         consumer = loop {
-            match remake() {
+            match blocking(&remake) {
                 Ok(consumer) => break consumer,
                 Err(error) => {
                     tracing::error!(%error, "cannot create a new consumer; trying again in 5 s");
@@ -233,7 +235,7 @@ async fn consume(
         let now = Instant::now();
         let member = report.as_ref().is_none_or(|r| r.in_group && r.broker_up);
         if member && watch.probe_due(now, idle_since) {
-            let waiting = blocking(|| waiting_partitions(consumer, &pauses.paused));
+            let waiting = blocking(|| waiting_partitions(consumer, &pauses.paused, settings.probe_budget));
             if let Some(stall) = watch.observe_probe(now, idle_since, waiting) {
                 return Some(stall);
             }
@@ -431,44 +433,85 @@ fn blocking<T>(call: impl FnOnce() -> T) -> T {
 }
 
 /// The assigned partitions, other than `paused`, whose high watermark on the broker is above the
-/// consumer's position (or, before it fetched any, the group's committed offset). Bounded to
-/// [`PROBE_BUDGET`] in all, so that a broker that stops answering cannot hold up the consume
-/// loop (its shutdown, its pauses); what could not be read in time is left out.
+/// consumer's position (or, before it fetched any, the group's committed offset, or else the
+/// partition's first offset). Bounded to `budget` in all ([`Settings::probe_budget`]), so that a
+/// broker that stops answering cannot hold up the consume loop (its shutdown, its pauses); what
+/// could not be read in time is left out.
+///
+/// The ends of all partitions are asked for in one request per broker: on the consumer's
+/// connection the broker answers only after the fetch in flight, which an idle consumer holds
+/// for up to `fetch.wait.max.ms`, so asking partition by partition took that long for each.
 fn waiting_partitions(
     consumer: &crate::kafka::GroupConsumer,
     paused: &BTreeSet<(String, i32)>,
+    budget: Duration,
 ) -> BTreeSet<(String, i32)> {
-    let deadline = Instant::now() + PROBE_BUDGET;
+    let deadline = Instant::now() + budget;
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let mut waiting = BTreeSet::new();
     let Ok(positions) = consumer.position() else { return waiting };
-    let fetched_none = positions.elements().iter().any(|e| !matches!(e.offset(), Offset::Offset(_)));
-    let committed = if fetched_none { consumer.committed(left()).ok() } else { None };
-    for element in positions.elements() {
-        let (topic, partition) = (element.topic(), element.partition());
-        if paused.contains(&(topic.to_owned(), partition)) {
-            continue;
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-        let position = match element.offset() {
-            Offset::Offset(offset) => Some(offset),
-            _ => committed.as_ref().and_then(|list| match list.find_partition(topic, partition)?.offset() {
+    let probed: Vec<(String, i32, Option<i64>)> = positions
+        .elements()
+        .iter()
+        .filter(|e| !paused.contains(&(e.topic().to_owned(), e.partition())))
+        .map(|e| {
+            let position = match e.offset() {
                 Offset::Offset(offset) => Some(offset),
                 _ => None,
-            }),
-        };
-        let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, left()) else { break };
-        if high > position.unwrap_or(low).max(low) {
-            waiting.insert((topic.to_owned(), partition));
+            };
+            (e.topic().to_owned(), e.partition(), position)
+        })
+        .collect();
+    if probed.is_empty() {
+        return waiting;
+    }
+    let committed = if probed.iter().any(|(_, _, p)| p.is_none()) { consumer.committed(left()).ok() } else { None };
+    let offset_in = |list: &TopicPartitionList, topic: &str, partition: i32| match list
+        .find_partition(topic, partition)
+        .filter(|e| e.error().is_ok())?
+        .offset()
+    {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    };
+    // Where each partition's consumer stands: its position, its group's committed offset, or
+    // (neither known) the partition's start, looked up only for those.
+    let mut from: Vec<(String, i32, Option<i64>)> = probed
+        .into_iter()
+        .map(|(topic, partition, position)| {
+            let position = position.or_else(|| committed.as_ref().and_then(|c| offset_in(c, &topic, partition)));
+            (topic, partition, position)
+        })
+        .collect();
+    let ends = |list: Vec<(&str, i32)>, at: Offset| -> Option<TopicPartitionList> {
+        let mut query = TopicPartitionList::new();
+        for (topic, partition) in list {
+            query.add_partition_offset(topic, partition, at).ok()?;
+        }
+        consumer.offsets_for_times(query, left()).ok()
+    };
+    let unknown: Vec<(&str, i32)> =
+        from.iter().filter(|(_, _, p)| p.is_none()).map(|(t, p, _)| (t.as_str(), *p)).collect();
+    if !unknown.is_empty() {
+        let Some(starts) = ends(unknown, Offset::Beginning) else { return waiting };
+        for (topic, partition, position) in &mut from {
+            if position.is_none() {
+                *position = offset_in(&starts, topic, *partition);
+            }
+        }
+    }
+    let Some(highs) = ends(from.iter().map(|(t, p, _)| (t.as_str(), *p)).collect(), Offset::End) else {
+        return waiting;
+    };
+    for (topic, partition, position) in from {
+        if let (Some(position), Some(high)) = (position, offset_in(&highs, &topic, partition)) {
+            if high > position {
+                waiting.insert((topic, partition));
+            }
         }
     }
     waiting
 }
-
-/// The most one probe of the partitions' offsets may take.
-const PROBE_BUDGET: Duration = Duration::from_secs(1);
 
 /// Seeks the partitions of `held` back to their first record, so that they are fetched again.
 /// False if a seek failed (the caller then applies them now; a record fetched twice is

@@ -210,9 +210,68 @@ pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Resu
     }
     set_all(&mut client, &config.kafka_consumer_properties);
     let consumer: GroupConsumer = client.create_with_context(LagContext::new(group_id))?;
+    await_topics(consumer.client(), topics, TOPICS_VISIBLE_WITHIN)?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
+}
+
+/// How long a consumer waits for the topics it subscribes to to be listed by the broker.
+const TOPICS_VISIBLE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until the broker lists every topic of `topics` with a leader for each of its
+/// partitions, through the client's own metadata, so that its first group join sees them.
+///
+/// A topic that was just created (by this service, or by another starting at the same time) is
+/// not in every broker's metadata at once. A consumer that subscribes before it is listed joins
+/// its group without it and looks again only at its next metadata refresh
+/// (`topic.metadata.refresh.interval.ms`, five minutes by default): meanwhile nothing published
+/// to that topic is consumed, and nothing says so. A topic still not listed after `within` is
+/// an error naming it.
+pub(crate) fn await_topics<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &[String],
+    within: Duration,
+) -> KafkaResult<()> {
+    let deadline = Instant::now() + within;
+    let mut missing: Vec<&String> = topics.iter().collect();
+    let mut missing_before = 0;
+    loop {
+        let mut still = Vec::new();
+        for topic in missing {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let listed = client.fetch_metadata(Some(topic), left).is_ok_and(|metadata| {
+                metadata.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions().iter().all(|p| p.error().is_none() && p.leader() >= 0)
+                })
+            });
+            if !listed {
+                still.push(topic);
+            }
+        }
+        if still.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let names: Vec<&str> = still.iter().map(|t| t.as_str()).collect();
+            return Err(KafkaError::Subscription(format!(
+                "the broker does not list the topic(s) {} after {} s: create them (or set KAFKA_CREATE_TOPICS=true)",
+                names.join(", "),
+                within.as_secs()
+            )));
+        }
+        if still.len() != missing_before {
+            tracing::info!(topics = ?still, "waiting for the broker to list the topics to subscribe to");
+        }
+        missing_before = still.len();
+        missing = still;
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Whether the consumers use the new consumer group protocol (KIP-848, `group.protocol=consumer`).

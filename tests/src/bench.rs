@@ -42,9 +42,10 @@ fn usage_of(pid: i32) -> anyhow::Result<Usage> {
 }
 
 /// Postgres as a whole: every `postgres` process (the postmaster, its helpers and the backends);
-/// CPU includes backends that have exited (the postmaster's reaped children), memory is the sum of
-/// proportional set sizes so that shared buffers count once.
-fn postgres_usage() -> anyhow::Result<Usage> {
+/// CPU includes backends that have exited (the postmaster's reaped children), memory (only when
+/// `memory` is [`Memory::Measure`], else 0) is the sum of proportional set sizes so that shared
+/// buffers count once.
+fn postgres_usage(memory: Memory) -> anyhow::Result<Usage> {
     let mut usage = Usage::default();
     let mut pids = Vec::new();
     for process in procfs::process::all_processes()?.flatten() {
@@ -52,12 +53,14 @@ fn postgres_usage() -> anyhow::Result<Usage> {
             if stat.comm == "postgres" {
                 pids.push((process.pid, stat.ppid));
                 usage.cpu_seconds += (stat.utime + stat.stime) as f64 / ticks();
-                if let Ok(rollup) = process.smaps_rollup() {
-                    usage.memory_bytes += rollup
-                        .memory_map_rollup
-                        .iter()
-                        .filter_map(|m| m.extension.map.get("Pss").copied())
-                        .sum::<u64>();
+                if memory == Memory::Measure {
+                    if let Ok(rollup) = process.smaps_rollup() {
+                        usage.memory_bytes += rollup
+                            .memory_map_rollup
+                            .iter()
+                            .filter_map(|m| m.extension.map.get("Pss").copied())
+                            .sum::<u64>();
+                    }
                 }
             }
         }
@@ -81,12 +84,21 @@ pub fn kafka_pid() -> Option<i32> {
     })
 }
 
+/// Whether a sample reads Postgres's memory. Its proportional set size walks the page tables of
+/// every Postgres process (`smaps_rollup`), shared buffers included: once a second that was 5 % of
+/// this 2-core machine's CPU (`perf`: `smaps_account`), counted against the system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    Measure,
+    Skip,
+}
+
 impl Watched {
-    /// The usage of everything watched, with `postgres` added.
-    pub fn sample(&self) -> BTreeMap<String, Usage> {
+    /// The usage of everything watched, with `postgres` added (its memory 0 unless measured).
+    pub fn sample(&self, memory: Memory) -> BTreeMap<String, Usage> {
         let mut out: BTreeMap<String, Usage> =
             self.single.iter().filter_map(|(name, pid)| Some((name.clone(), usage_of(*pid).ok()?))).collect();
-        if let Ok(usage) = postgres_usage() {
+        if let Ok(usage) = postgres_usage(memory) {
             out.insert("postgres".into(), usage);
         }
         out

@@ -554,3 +554,63 @@ pub async fn run_backlog_gauges(pool: PgPool, every: Duration, shutdown: Cancell
         }
     }
 }
+
+/// Against the real Postgres (`TEST_POSTGRES_URL`, default the local server).
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+
+    fn url(database: &str) -> String {
+        let url = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        match url.split_once('?') {
+            Some((base, query)) => format!("{}/{database}?{query}", base.trim_end_matches('/')),
+            None => format!("{}/{database}", url.trim_end_matches('/')),
+        }
+    }
+
+    async fn next(listener: &mut PgListener) -> sqlx::postgres::PgNotification {
+        tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.expect("a notification").unwrap()
+    }
+
+    fn message(n: usize) -> OutboxMessage {
+        OutboxMessage::new("t".into(), n, "m", &serde_json::json!({ "n": n }))
+    }
+
+    /// The relay is woken when a committed transaction wrote rows it must publish itself, and not
+    /// for rows handed off on commit. Notifications arrive in commit order, so a marker sent after
+    /// the handed-off rows' commit is the first thing heard if they sent nothing.
+    #[tokio::test]
+    async fn only_rows_not_handed_off_wake_the_relay() {
+        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
+        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+        let mut listener = PgListener::connect(&url(&name)).await.unwrap();
+        listener.listen("outbox").await.unwrap();
+
+        let mut tx = conn.begin().await.unwrap();
+        let handed = insert_for_handoff(&mut tx, (0..5).map(message).collect()).await.unwrap();
+        assert_eq!(handed.rows.len(), 5);
+        tx.commit().await.unwrap();
+        conn.execute("SELECT pg_notify('outbox', 'marker')").await.unwrap();
+        assert_eq!(next(&mut listener).await.payload(), "marker", "handed-off rows woke the relay");
+
+        let mut tx = conn.begin().await.unwrap();
+        insert(&mut tx, &(0..3).map(message).collect::<Vec<_>>()).await.unwrap();
+        insert_for_handoff(&mut tx, vec![message(9)]).await.unwrap();
+        tx.commit().await.unwrap();
+        conn.execute("SELECT pg_notify('outbox', 'marker')").await.unwrap();
+        assert_eq!(next(&mut listener).await.payload(), "", "rows for the relay did not wake it");
+        // Three such rows in one transaction: one notification.
+        assert_eq!(next(&mut listener).await.payload(), "marker");
+
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(rows, 9);
+        drop(listener);
+        conn.close().await.unwrap();
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+}

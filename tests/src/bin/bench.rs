@@ -129,7 +129,7 @@ impl Bench {
         Ok(Snapshot {
             at: Instant::now(),
             wall: Utc::now(),
-            usage: self.watched.sample(),
+            usage: self.watched.sample(bench::Memory::Skip),
             pg: bench::pg_counters(&self.pool).await?,
             broker_messages: bench::broker_messages(&self.system.brokers, &self.system.topic_prefix()).await?,
             dwell,
@@ -185,8 +185,12 @@ impl Bench {
             let mut peak: BTreeMap<String, u64> = BTreeMap::new();
             let mut backlog: Vec<(f64, i64)> = Vec::new();
             let mut stop = stop_rx.clone();
+            let mut tick = 0u64;
             loop {
-                for (name, usage) in self.watched.sample() {
+                // Postgres's memory every ten seconds (and at once): reading it costs the system.
+                let memory = if tick % 10 == 0 { bench::Memory::Measure } else { bench::Memory::Skip };
+                tick += 1;
+                for (name, usage) in self.watched.sample(memory) {
                     let entry = peak.entry(name).or_default();
                     *entry = (*entry).max(usage.memory_bytes);
                 }

@@ -59,11 +59,18 @@ impl Participant for Inventory {
                     Err(why) => return Ok(Outcome::Refused(StepError::business(codes::INVALID_COMMAND, why))),
                 };
                 for (sku, quantity) in &wanted {
+                    // Taken from the stock and recorded as reserved in one statement, or neither.
                     let taken = sqlx::query(
-                        "UPDATE stock SET available = available - $2, updated_at = now() WHERE sku = $1 AND available >= $2",
+                        "WITH taken AS (
+                             UPDATE stock SET available = available - $2, updated_at = now()
+                             WHERE sku = $1 AND available >= $2 RETURNING sku
+                         )
+                         INSERT INTO reservations (saga_id, sku, quantity, status)
+                         SELECT $3, sku, $2, 'RESERVED' FROM taken",
                     )
                     .bind(sku)
                     .bind(quantity)
+                    .bind(saga_id)
                     .execute(&mut *conn)
                     .await?;
                     if taken.rows_affected() == 0 {
@@ -78,14 +85,6 @@ impl Participant for Inventory {
                         // The runtime rolls back the reservations made so far: all or nothing.
                         return Ok(Outcome::Refused(StepError::business(codes::INVENTORY_UNAVAILABLE, message)));
                     }
-                    sqlx::query(
-                        "INSERT INTO reservations (saga_id, sku, quantity, status) VALUES ($1, $2, $3, 'RESERVED')",
-                    )
-                    .bind(saga_id)
-                    .bind(sku)
-                    .bind(quantity)
-                    .execute(&mut *conn)
-                    .await?;
                 }
                 Ok(Outcome::Done(json!({"reserved": wanted})))
             }

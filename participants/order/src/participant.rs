@@ -47,8 +47,13 @@ impl Participant for Orders {
     }
 }
 
-/// Moves an order from one status to the next; already there counts as done.
+/// Moves an order from one status to the next; already there counts as done. The move is one
+/// statement; the order is read only when it did not apply, to say why.
 async fn move_status(conn: &mut PgConnection, order: Uuid, from: &str, to: &str) -> sqlx::Result<Outcome> {
+    if advance(conn, order, from, to).await? {
+        return Ok(Outcome::Done(json!({"status": to})));
+    }
+    // Locked: what it says stays true until the batch commits.
     let current: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
         .bind(order)
         .fetch_optional(&mut *conn)
@@ -56,12 +61,9 @@ async fn move_status(conn: &mut PgConnection, order: Uuid, from: &str, to: &str)
     match current.as_deref() {
         None => Ok(Outcome::Refused(StepError::business(codes::ORDER_NOT_FOUND, format!("no order {order}")))),
         Some(status) if status == to => Ok(Outcome::Done(json!({"status": to}))),
+        // Committed in `from` since the update looked (an order written meanwhile).
         Some(status) if status == from => {
-            sqlx::query("UPDATE orders SET status = $2, updated_at = now() WHERE id = $1")
-                .bind(order)
-                .bind(to)
-                .execute(conn)
-                .await?;
+            advance(conn, order, from, to).await?;
             Ok(Outcome::Done(json!({"status": to})))
         }
         Some(status) => Ok(Outcome::Refused(StepError::business(
@@ -69,4 +71,14 @@ async fn move_status(conn: &mut PgConnection, order: Uuid, from: &str, to: &str)
             format!("order {order} is {status}, not {from}"),
         ))),
     }
+}
+
+async fn advance(conn: &mut PgConnection, order: Uuid, from: &str, to: &str) -> sqlx::Result<bool> {
+    let moved = sqlx::query("UPDATE orders SET status = $3, updated_at = now() WHERE id = $1 AND status = $2")
+        .bind(order)
+        .bind(from)
+        .bind(to)
+        .execute(conn)
+        .await?;
+    Ok(moved.rows_affected() == 1)
 }

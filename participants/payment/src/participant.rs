@@ -54,21 +54,18 @@ impl Participant for Payments {
                     }
                     Answer::Approved => {}
                 }
+                // The payment and its ledger entry in one statement.
                 sqlx::query(
-                    "INSERT INTO payments (saga_id, order_id, amount_cents, currency, status) VALUES ($1, $2, $3, $4, 'CHARGED')",
+                    "WITH charged AS (
+                         INSERT INTO payments (saga_id, order_id, amount_cents, currency, status)
+                         VALUES ($1, $2, $3, $4, 'CHARGED')
+                     )
+                     INSERT INTO ledger (saga_id, order_id, entry_type, amount_cents) VALUES ($1, $2, 'CHARGE', $3)",
                 )
                 .bind(saga_id)
                 .bind(charge.order_id)
                 .bind(charge.total_cents)
                 .bind(&charge.currency)
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO ledger (saga_id, order_id, entry_type, amount_cents) VALUES ($1, $2, 'CHARGE', $3)",
-                )
-                .bind(saga_id)
-                .bind(charge.order_id)
-                .bind(charge.total_cents)
                 .execute(&mut *conn)
                 .await?;
                 Ok(Outcome::Done(json!({"charged_cents": charge.total_cents, "currency": charge.currency})))

@@ -58,3 +58,13 @@ pub async fn migrate(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyh
     connect(&config, migrations).await?.close().await;
     Ok(())
 }
+
+/// The URL of database `database` on the test server (`TEST_POSTGRES_URL`, or the local one).
+#[cfg(test)]
+pub(crate) fn test_url(database: &str) -> String {
+    let url = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    match url.split_once('?') {
+        Some((base, query)) => format!("{}/{database}?{query}", base.trim_end_matches('/')),
+        None => format!("{}/{database}", url.trim_end_matches('/')),
+    }
+}

@@ -562,13 +562,7 @@ mod tests {
 
     use super::*;
 
-    fn url(database: &str) -> String {
-        let url = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        match url.split_once('?') {
-            Some((base, query)) => format!("{}/{database}?{query}", base.trim_end_matches('/')),
-            None => format!("{}/{database}", url.trim_end_matches('/')),
-        }
-    }
+    use crate::db::test_url as url;
 
     async fn next(listener: &mut PgListener) -> sqlx::postgres::PgNotification {
         tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.expect("a notification").unwrap()

@@ -20,7 +20,7 @@ use saga_defs::contract::{
 };
 use saga_defs::{CommandEnvelope, ReplyEnvelope, ReplyOutcome, StepError, StepKind};
 use sqlx::migrate::Migrator;
-use sqlx::{Acquire, PgConnection, PgPool};
+use sqlx::{Executor, PgConnection, PgPool};
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
@@ -129,7 +129,9 @@ pub fn parse_command(record: &Record) -> Result<CommandEnvelope, BadCommand> {
 impl<P: Participant> BatchHandler for CommandHandler<P> {
     async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let mut tx = self.pool.begin().await?;
+        // The batch opens with the first command's savepoint, in the same round trip.
+        let mut tx = self.pool.begin_with(Savepoint::BEGIN).await?;
+        let mut savepoint = Savepoint::Clean;
         let mut messages = Vec::with_capacity(records.len());
         let mut rejected = Vec::new();
         let parsed: Vec<Result<CommandEnvelope, BadCommand>> = records.iter().map(parse_command).collect();
@@ -147,7 +149,7 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
                 }
             };
             let started = std::time::SystemTime::now();
-            let reply = self.process(&mut tx, &command, &mut processed).await?;
+            let reply = self.process(&mut tx, &mut savepoint, &command, &mut processed).await?;
             // The reply continues the command's trace, as a span of its own.
             let trace = crate::trace::Context::from_record(record, Some(command.saga_id.as_uuid()));
             let fallback = trace.parent.child_of_message(reply.message_id);
@@ -194,6 +196,7 @@ impl<P: Participant> CommandHandler<P> {
     async fn process(
         &self,
         conn: &mut PgConnection,
+        savepoint: &mut Savepoint,
         command: &CommandEnvelope,
         processed: &mut Processed,
     ) -> sqlx::Result<ReplyEnvelope> {
@@ -207,9 +210,9 @@ impl<P: Participant> CommandHandler<P> {
             return Ok(reply);
         }
 
-        let mut savepoint = conn.begin().await?;
+        savepoint.mark(conn).await?;
         inject_faults(command)?;
-        let outcome = self.participant.handle(&mut savepoint, command).await?;
+        let outcome = self.participant.handle(conn, command).await?;
         let (reply_outcome, keep, result) = match outcome {
             Outcome::Done(output) => (ReplyOutcome::Succeeded { output }, true, "succeeded"),
             Outcome::Refused(error) => (ReplyOutcome::Failed { error }, false, "refused"),
@@ -218,9 +221,9 @@ impl<P: Participant> CommandHandler<P> {
             }
         };
         if keep {
-            savepoint.commit().await?;
+            *savepoint = Savepoint::Passed;
         } else {
-            savepoint.rollback().await?;
+            savepoint.undo(conn).await?;
         }
         counter!(COMMANDS, "action" => command.action.clone(), "kind" => command.kind.as_str(), "result" => result)
             .increment(1);
@@ -239,6 +242,41 @@ impl<P: Participant> CommandHandler<P> {
             processed.record((command.saga_id.as_uuid(), command.step.to_string(), "ACTION"), tombstone, true);
         }
         Ok(ReplyEnvelope::answering(command, name, reply_outcome))
+    }
+}
+
+/// Where the batch's transaction can be rolled back to: the state before the command being
+/// handled, so that a refusal or a transient failure undoes what its handler wrote and keeps the
+/// batch's other commands. One savepoint, moved forward in one round trip only when a command
+/// that kept its writes is followed by another that runs (the commit releases the last), instead
+/// of a savepoint opened and released around every command: two round trips each.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Savepoint {
+    /// Nothing was written since the savepoint: the next command can use it as it is.
+    Clean,
+    /// A command's writes are kept after it: the next one needs a savepoint of its own.
+    Passed,
+}
+
+impl Savepoint {
+    /// Opens the batch's transaction with its first savepoint.
+    const BEGIN: &'static str = "BEGIN; SAVEPOINT command";
+
+    /// Makes the savepoint the state before the command about to run.
+    async fn mark(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        if *self == Savepoint::Passed {
+            conn.execute("RELEASE SAVEPOINT command; SAVEPOINT command").await?;
+            *self = Savepoint::Clean;
+        }
+        Ok(())
+    }
+
+    /// Undoes what was written since the savepoint, which stays (Postgres keeps a savepoint
+    /// rolled back to).
+    async fn undo(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
+        conn.execute("ROLLBACK TO SAVEPOINT command").await?;
+        *self = Savepoint::Clean;
+        Ok(())
     }
 }
 
@@ -574,4 +612,103 @@ pub async fn run_service<H: BatchHandler + 'static>(
     let served = crate::supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await;
     export.shutdown().await;
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+    use crate::db::test_url as url;
+
+    /// Writes two rows for its command, then answers what the command's input says.
+    struct Scripted;
+
+    impl Participant for Scripted {
+        const NAME: &'static str = "scripted";
+
+        async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<Outcome> {
+            sqlx::query("INSERT INTO written (saga_id, n) VALUES ($1, 1), ($1, 2)")
+                .bind(command.saga_id.as_uuid())
+                .execute(&mut *conn)
+                .await?;
+            let error = StepError::business("NO", "scripted");
+            Ok(match command.input["answer"].as_str() {
+                Some("done") => Outcome::Done(serde_json::json!({"done": true})),
+                Some("refused") => Outcome::Refused(error),
+                _ => Outcome::Transient(error),
+            })
+        }
+    }
+
+    fn record(saga: uuid::Uuid, answer: &str, offset: i64) -> Record {
+        let command = serde_json::json!({
+            "schema_version": SCHEMA_VERSION, "message_id": uuid::Uuid::new_v4(), "saga_id": saga,
+            "saga_type": "order_saga", "step": "scripted_step", "kind": "ACTION", "action": "act", "attempt": 1,
+            "reply_to": "replies", "input": {"answer": answer}, "deadline": "2030-01-01T00:00:00Z",
+        });
+        Record {
+            topic: "commands".into(),
+            partition: 0,
+            offset,
+            key: Some(saga.to_string()),
+            payload: Some(serde_json::to_vec(&command).unwrap()),
+            headers: Vec::new(),
+        }
+    }
+
+    /// In one batch, a refusal or a transient failure undoes only what its own handler wrote:
+    /// the commands before and after it keep theirs, whatever the order of outcomes.
+    #[tokio::test]
+    async fn a_refused_command_undoes_its_own_writes_and_no_other() {
+        let name = format!("sagatest_participant_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let pool = PgPool::connect(&url(&name)).await.unwrap();
+        for mut migrations in [crate::db::outbox_migrations(), crate::db::participant_migrations()] {
+            migrations.set_ignore_missing(true);
+            migrations.run(&pool).await.unwrap();
+        }
+        pool.execute("CREATE TABLE written (saga_id uuid, n int)").await.unwrap();
+        let handler =
+            CommandHandler { pool: pool.clone(), handoff: None, participant: Scripted, service: "test".into() };
+
+        let answers = ["done", "refused", "done", "done", "transient", "refused", "done", "transient"];
+        let sagas: Vec<uuid::Uuid> = answers.iter().map(|_| uuid::Uuid::now_v7()).collect();
+        let records: Vec<Record> =
+            answers.iter().zip(&sagas).zip(0..).map(|((answer, saga), offset)| record(*saga, answer, offset)).collect();
+        handler.handle(&records).await.unwrap();
+
+        let written: Vec<(uuid::Uuid, i64)> =
+            sqlx::query_as("SELECT saga_id, count(*) FROM written GROUP BY saga_id").fetch_all(&pool).await.unwrap();
+        let written: std::collections::HashMap<_, _> = written.into_iter().collect();
+        let stored: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT saga_id FROM processed_commands").fetch_all(&pool).await.unwrap();
+        let replies: Vec<serde_json::Value> =
+            sqlx::query_scalar("SELECT payload FROM outbox ORDER BY id").fetch_all(&pool).await.unwrap();
+        assert_eq!(replies.len(), answers.len());
+        for ((answer, saga), reply) in answers.iter().zip(&sagas).zip(&replies) {
+            let expected = if *answer == "done" { 2 } else { 0 };
+            assert_eq!(written.get(saga).copied().unwrap_or(0), expected, "rows kept for the {answer} command");
+            assert_eq!(stored.contains(saga), *answer != "transient", "dedupe record of the {answer} command");
+            let status = if *answer == "done" { "SUCCEEDED" } else { "FAILED" };
+            assert_eq!(reply["outcome"]["status"], status, "reply to the {answer} command");
+            assert_eq!(reply["saga_id"], saga.to_string());
+        }
+
+        // Redelivered, the batch replays the stored replies; only the transient commands run
+        // again (and fail again, undoing their writes again).
+        handler.handle(&records).await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM written").fetch_one(&pool).await.unwrap();
+        assert_eq!(rows, 2 * 4);
+        let replayed: Vec<bool> =
+            sqlx::query_scalar("SELECT (payload->>'replayed')::bool FROM outbox ORDER BY id OFFSET $1")
+                .bind(answers.len() as i64)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(replayed, answers.iter().map(|a| *a != "transient").collect::<Vec<_>>());
+        pool.close().await;
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
 }

@@ -92,7 +92,7 @@ impl BatchHandler for Inbound {
         let mut effects = Effects::default();
         let mut dead = Vec::new();
         let parsed: Vec<Result<Message, Reason>> = records.iter().map(|r| self.parse(r)).collect();
-        // One transaction, and about seven statements, for the whole batch (see `writes`).
+        // One transaction, and about four statements and the commit, for the whole batch (see `writes`).
         let mut writes = Writes::batched(&mut tx, self.handoff.is_some());
         let sagas: Vec<uuid::Uuid> = parsed
             .iter()

@@ -2,9 +2,10 @@
 //! the connection ([`Writes::direct`], for the timer loop and operators, one saga at a time), or
 //! for a whole consumed batch ([`Writes::batched`]): the batch's sagas and their pending attempts
 //! are locked and read in two statements (in id order, so replicas never deadlock), transitions
-//! run in memory against those rows, and [`Writes::flush`] writes each table once: one statement
-//! for every saga update, one per attempt insert and finish, one for the history, one for the
-//! outbox. A batch of N replies costs about seven statements instead of six per reply.
+//! run in memory against those rows, and [`Writes::flush`] writes each table once, in two
+//! statements: the saga updates with the attempts started and finished, then the history with the
+//! outbox rows. A batch of N replies costs about four statements (and the commit) instead of six
+//! per reply.
 //!
 //! The batched rows stay current as transitions apply, so several messages for one saga in one
 //! batch see each other's effects, as they would one transaction at a time.
@@ -14,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use saga_defs::machine::{FinishedAttempt, StepCommand};
 use saga_defs::{SagaState, StepKind};
+use saga_runtime::db::Params;
 use saga_runtime::outbox::{self, OutboxMessage};
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -288,133 +290,168 @@ impl<'c> Writes<'c> {
         flushed
     }
 
-    /// Writes everything buffered, each table in one statement. Nothing to do for a direct
-    /// writer. The caller commits, then hands what is returned to the relay.
+    /// Writes everything buffered in two statements: the saga updates with the attempts started
+    /// and finished, then the history with the outbox rows (data-modifying CTEs, each table
+    /// written once). Nothing to do for a direct writer. The caller commits, then hands what is
+    /// returned to the relay.
     pub(crate) async fn flush(&mut self) -> sqlx::Result<Option<outbox::HandedOff>> {
         let Some(batch) = self.batch.as_mut() else { return Ok(None) };
         let conn = &mut *self.conn;
-        let updates = std::mem::take(&mut batch.updates);
-        if !updates.is_empty() {
-            let rows: Vec<&SagaRow> = updates.values().map(|(_, row)| row).collect();
-            let expected: Vec<i64> = updates.values().map(|(v, _)| *v).collect();
-            let outputs: Vec<Value> = rows.iter().map(|r| r.outputs.or_placeholder()).collect();
-            let updated = sqlx::query(
-                "UPDATE saga_instances s SET
-                     status = u.status, step_index = u.step_index, step_name = u.step_name, step_kind = u.step_kind,
-                     attempt = u.attempt, first_attempt = u.first_attempt, waiting = u.waiting, wake_at = u.wake_at,
-                     failure_step = u.failure_step, failure_code = u.failure_code, failure_reason = u.failure_reason,
-                     attention_step = u.attention_step, attention_code = u.attention_code,
-                     attention_reason = u.attention_reason, outputs = u.outputs, version = u.version,
-                     updated_at = u.updated_at, ended_at = u.ended_at
-                 FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::int[],
-                             $8::int[], $9::text[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
-                             $14::text[], $15::text[], $16::text[], $17::jsonb[], $18::bigint[],
-                             $19::timestamptz[], $20::timestamptz[])
-                     AS u(id, expected, status, step_index, step_name, step_kind, attempt, first_attempt, waiting,
-                          wake_at, failure_step, failure_code, failure_reason, attention_step, attention_code,
-                          attention_reason, outputs, version, updated_at, ended_at)
-                 WHERE s.id = u.id AND s.version = u.expected",
-            )
-            .persistent(false)
-            .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
-            .bind(&expected)
-            .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.step_index).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.step_name.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.step_kind.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.first_attempt).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.waiting.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.wake_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.failure_step.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.failure_code.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.failure_reason.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.attention_step.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.attention_code.as_deref()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.attention_reason.as_deref()).collect::<Vec<_>>())
-            .bind(&outputs)
-            .bind(rows.iter().map(|r| r.version).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.ended_at).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
-            if updated.rows_affected() != rows.len() as u64 {
+        let updates: Vec<(i64, SagaRow)> = std::mem::take(&mut batch.updates).into_values().collect();
+        let new_attempts = std::mem::take(&mut batch.new_attempts);
+        // The CTEs of one statement share its snapshot: an attempt started in this batch is not
+        // there for a sibling UPDATE to finish, so such finishes (rare) follow in one more.
+        let started: std::collections::HashSet<AttemptKey> =
+            new_attempts.iter().map(|(id, c, _)| key(*id, c.step.as_str(), c.kind, c.attempt)).collect();
+        let (finished_after, finished): (Vec<_>, Vec<_>) = std::mem::take(&mut batch.finished)
+            .into_iter()
+            .partition(|(id, f, _)| started.contains(&key(*id, f.step.as_str(), f.kind, f.attempt)));
+
+        let mut params = Params::default();
+        let mut ctes = Vec::new();
+        if !new_attempts.is_empty() {
+            ctes.push(format!("new_attempts AS ({})", insert_attempts(&mut params, &new_attempts)?));
+        }
+        if !finished.is_empty() {
+            ctes.push(format!("finished_attempts AS ({})", finish_attempts(&mut params, &finished)?));
+        }
+        let main = if updates.is_empty() { "SELECT 1".to_owned() } else { update_sagas(&mut params, &updates)? };
+        if !updates.is_empty() || !ctes.is_empty() {
+            let with = if ctes.is_empty() { String::new() } else { format!("WITH {} ", ctes.join(", ")) };
+            // Planned at each call (unprepared), as the batch's reads are.
+            let updated = params.query(&format!("{with}{main}")).persistent(false).execute(&mut *conn).await?;
+            if updated.rows_affected() != updates.len() as u64 && !updates.is_empty() {
                 // Rows locked by this transaction cannot have moved: something else wrote them.
                 return Err(sqlx::Error::Protocol(format!(
                     "{} of {} saga updates found their version moved under a held lock",
-                    rows.len() as u64 - updated.rows_affected(),
-                    rows.len()
+                    updates.len() as u64 - updated.rows_affected(),
+                    updates.len()
                 )));
             }
         }
-        let new_attempts = std::mem::take(&mut batch.new_attempts);
-        if !new_attempts.is_empty() {
-            sqlx::query(
-                "INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, status, started_at, deadline_at)
-                 SELECT u.saga_id, u.step_index, u.step_name, u.kind, u.attempt, 'PENDING', u.started_at, u.deadline_at
-                 FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::text[], $5::int[], $6::timestamptz[], $7::timestamptz[])
-                     AS u(saga_id, step_index, step_name, kind, attempt, started_at, deadline_at)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(new_attempts.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|(_, c, _)| c.step_index as i32).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|(_, c, _)| c.step.as_str()).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|(_, c, _)| c.kind.as_str()).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|(_, c, _)| c.attempt as i32).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())
-            .bind(new_attempts.iter().map(|(_, c, _)| c.deadline).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
+        if !finished_after.is_empty() {
+            let mut params = Params::default();
+            let sql = finish_attempts(&mut params, &finished_after)?;
+            params.query(&sql).persistent(false).execute(&mut *conn).await?;
         }
-        let finished = std::mem::take(&mut batch.finished);
-        if !finished.is_empty() {
-            let columns: Vec<_> = finished.iter().map(|(_, f, _)| store::outcome_columns(&f.outcome)).collect();
-            sqlx::query(
-                "UPDATE saga_step_attempts a SET status = u.status, error_code = u.error_code,
-                     error_message = u.error_message, output = u.output, finished_at = u.finished_at
-                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[],
-                             $8::jsonb[], $9::timestamptz[])
-                     AS u(saga_id, step_name, kind, attempt, status, error_code, error_message, output, finished_at)
-                 WHERE a.saga_id = u.saga_id AND a.step_name = u.step_name AND a.kind = u.kind
-                     AND a.attempt = u.attempt AND a.status = 'PENDING'",
-            )
-            .persistent(false)
-            .bind(finished.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
-            .bind(finished.iter().map(|(_, f, _)| f.step.as_str()).collect::<Vec<_>>())
-            .bind(finished.iter().map(|(_, f, _)| f.kind.as_str()).collect::<Vec<_>>())
-            .bind(finished.iter().map(|(_, f, _)| f.attempt as i32).collect::<Vec<_>>())
-            .bind(columns.iter().map(|c| c.0).collect::<Vec<_>>())
-            .bind(columns.iter().map(|c| c.1).collect::<Vec<_>>())
-            .bind(columns.iter().map(|c| c.2).collect::<Vec<_>>())
-            .bind(columns.iter().map(|c| c.3).collect::<Vec<_>>())
-            .bind(finished.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
-        }
+
         let history = std::mem::take(&mut batch.history);
-        if !history.is_empty() {
-            sqlx::query(
-                "INSERT INTO saga_history (saga_id, version, from_status, to_status, trigger, summary, detail, recorded_at)
-                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                      $7::jsonb[], $8::timestamptz[])",
-            )
-            .bind(history.iter().map(|h| h.saga_id).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.version).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.from_status).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.to_status).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.trigger.as_str()).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.summary.as_str()).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| &h.detail).collect::<Vec<_>>())
-            .bind(history.iter().map(|h| h.now).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
-        }
+        let also = if history.is_empty() {
+            None
+        } else {
+            let mut also = outbox::Also::default();
+            let sql = insert_history(also.params(), &history)?;
+            also.cte("history", &sql);
+            Some(also)
+        };
         let messages = std::mem::take(&mut batch.outbox);
         if self.handoff {
-            return outbox::insert_for_handoff(conn, messages).await.map(Some);
+            return outbox::insert_for_handoff_with(conn, messages, also).await.map(Some);
         }
-        outbox::insert(conn, &messages).await.map(|_| None)
+        outbox::insert_with(conn, &messages, also).await.map(|_| None)
     }
+}
+
+/// The batch's saga updates, each guarded by the version its saga was locked at.
+fn update_sagas(params: &mut Params, updates: &[(i64, SagaRow)]) -> sqlx::Result<String> {
+    let rows: Vec<&SagaRow> = updates.iter().map(|(_, row)| row).collect();
+    let expected: Vec<i64> = updates.iter().map(|(v, _)| *v).collect();
+    let outputs: Vec<Value> = rows.iter().map(|r| r.outputs.or_placeholder()).collect();
+    Ok(format!(
+        "UPDATE saga_instances s SET
+             status = u.status, step_index = u.step_index, step_name = u.step_name, step_kind = u.step_kind,
+             attempt = u.attempt, first_attempt = u.first_attempt, waiting = u.waiting, wake_at = u.wake_at,
+             failure_step = u.failure_step, failure_code = u.failure_code, failure_reason = u.failure_reason,
+             attention_step = u.attention_step, attention_code = u.attention_code,
+             attention_reason = u.attention_reason, outputs = u.outputs, version = u.version,
+             updated_at = u.updated_at, ended_at = u.ended_at
+         FROM UNNEST({}::uuid[], {}::bigint[], {}::text[], {}::int[], {}::text[], {}::text[], {}::int[],
+                     {}::int[], {}::text[], {}::timestamptz[], {}::text[], {}::text[], {}::text[],
+                     {}::text[], {}::text[], {}::text[], {}::jsonb[], {}::bigint[],
+                     {}::timestamptz[], {}::timestamptz[])
+             AS u(id, expected, status, step_index, step_name, step_kind, attempt, first_attempt, waiting,
+                  wake_at, failure_step, failure_code, failure_reason, attention_step, attention_code,
+                  attention_reason, outputs, version, updated_at, ended_at)
+         WHERE s.id = u.id AND s.version = u.expected",
+        params.add(rows.iter().map(|r| r.id).collect::<Vec<_>>())?,
+        params.add(expected)?,
+        params.add(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.step_index).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.step_name.as_str()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.step_kind.as_str()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.first_attempt).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.waiting.as_str()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.wake_at).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.failure_step.as_deref()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.failure_code.as_deref()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.failure_reason.as_deref()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.attention_step.as_deref()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.attention_code.as_deref()).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.attention_reason.as_deref()).collect::<Vec<_>>())?,
+        params.add(outputs)?,
+        params.add(rows.iter().map(|r| r.version).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.updated_at).collect::<Vec<_>>())?,
+        params.add(rows.iter().map(|r| r.ended_at).collect::<Vec<_>>())?,
+    ))
+}
+
+/// The batch's new pending attempts.
+fn insert_attempts(params: &mut Params, new: &[(Uuid, StepCommand, DateTime<Utc>)]) -> sqlx::Result<String> {
+    Ok(format!(
+        "INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, status, started_at, deadline_at)
+         SELECT u.saga_id, u.step_index, u.step_name, u.kind, u.attempt, 'PENDING', u.started_at, u.deadline_at
+         FROM UNNEST({}::uuid[], {}::int[], {}::text[], {}::text[], {}::int[], {}::timestamptz[], {}::timestamptz[])
+             AS u(saga_id, step_index, step_name, kind, attempt, started_at, deadline_at)
+         ON CONFLICT DO NOTHING",
+        params.add(new.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())?,
+        params.add(new.iter().map(|(_, c, _)| c.step_index as i32).collect::<Vec<_>>())?,
+        params.add(new.iter().map(|(_, c, _)| c.step.as_str()).collect::<Vec<_>>())?,
+        params.add(new.iter().map(|(_, c, _)| c.kind.as_str()).collect::<Vec<_>>())?,
+        params.add(new.iter().map(|(_, c, _)| c.attempt as i32).collect::<Vec<_>>())?,
+        params.add(new.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())?,
+        params.add(new.iter().map(|(_, c, _)| c.deadline).collect::<Vec<_>>())?,
+    ))
+}
+
+/// How the batch's finished attempts ended (those still pending).
+fn finish_attempts(params: &mut Params, finished: &[(Uuid, FinishedAttempt, DateTime<Utc>)]) -> sqlx::Result<String> {
+    let columns: Vec<_> = finished.iter().map(|(_, f, _)| store::outcome_columns(&f.outcome)).collect();
+    Ok(format!(
+        "UPDATE saga_step_attempts a SET status = u.status, error_code = u.error_code,
+             error_message = u.error_message, output = u.output, finished_at = u.finished_at
+         FROM UNNEST({}::uuid[], {}::text[], {}::text[], {}::int[], {}::text[], {}::text[], {}::text[],
+                     {}::jsonb[], {}::timestamptz[])
+             AS u(saga_id, step_name, kind, attempt, status, error_code, error_message, output, finished_at)
+         WHERE a.saga_id = u.saga_id AND a.step_name = u.step_name AND a.kind = u.kind
+             AND a.attempt = u.attempt AND a.status = 'PENDING'",
+        params.add(finished.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())?,
+        params.add(finished.iter().map(|(_, f, _)| f.step.as_str()).collect::<Vec<_>>())?,
+        params.add(finished.iter().map(|(_, f, _)| f.kind.as_str()).collect::<Vec<_>>())?,
+        params.add(finished.iter().map(|(_, f, _)| f.attempt as i32).collect::<Vec<_>>())?,
+        params.add(columns.iter().map(|c| c.0).collect::<Vec<_>>())?,
+        params.add(columns.iter().map(|c| c.1).collect::<Vec<_>>())?,
+        params.add(columns.iter().map(|c| c.2).collect::<Vec<_>>())?,
+        params.add(columns.iter().map(|c| c.3).collect::<Vec<_>>())?,
+        params.add(finished.iter().map(|(_, _, now)| *now).collect::<Vec<_>>())?,
+    ))
+}
+
+/// The batch's history entries.
+fn insert_history(params: &mut Params, history: &[OwnedHistory]) -> sqlx::Result<String> {
+    Ok(format!(
+        "INSERT INTO saga_history (saga_id, version, from_status, to_status, trigger, summary, detail, recorded_at)
+         SELECT * FROM UNNEST({}::uuid[], {}::bigint[], {}::text[], {}::text[], {}::text[], {}::text[],
+                              {}::jsonb[], {}::timestamptz[])",
+        params.add(history.iter().map(|h| h.saga_id).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| h.version).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| h.from_status).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| h.to_status).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| h.trigger.as_str()).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| h.summary.as_str()).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| &h.detail).collect::<Vec<_>>())?,
+        params.add(history.iter().map(|h| h.now).collect::<Vec<_>>())?,
+    ))
 }
 
 /// Against the real Postgres (`TEST_POSTGRES_URL`, default the local server).
@@ -504,6 +541,103 @@ mod tests {
         let scans = seq_scans(&mut tx, "saga_instances").await;
         tx.commit().await.unwrap();
         assert_eq!(scans, 0, "sequential scans of saga_instances for a batch of 25 sagas among 30,020");
+        drop(conn);
+        scratch::drop(&name).await;
+    }
+
+    /// A batch writes every table in its two statements, and an attempt started and finished in
+    /// the same batch ends finished (the finish cannot ride with the insert: CTEs share a
+    /// snapshot, so a sibling UPDATE does not see the row being inserted).
+    #[tokio::test]
+    async fn a_batch_flushes_every_table_and_finishes_an_attempt_it_started() {
+        let (mut conn, name) = scratch::database("flush").await;
+        let mut outbox_migrations = saga_runtime::db::outbox_migrations();
+        outbox_migrations.set_ignore_missing(true);
+        outbox_migrations.run(&mut conn).await.unwrap();
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        insert(&mut conn, &ids).await;
+        let now = Utc::now();
+        let step = |name: &str| saga_defs::StepName::parse(name).unwrap();
+        let succeeded = |step_index: usize, name: &str| FinishedAttempt {
+            step_index,
+            step: step(name),
+            kind: StepKind::Action,
+            attempt: 1,
+            outcome: saga_defs::machine::AttemptOutcome::Succeeded { output: serde_json::json!({"ok": true}) },
+        };
+        let command = StepCommand {
+            step_index: 2,
+            step: step("charge_payment"),
+            participant: "payment".into(),
+            kind: StepKind::Action,
+            action: "charge".into(),
+            attempt: 1,
+            deadline: now + chrono::Duration::seconds(30),
+        };
+        let next = SagaState {
+            status: saga_defs::SagaStatus::Running,
+            step_index: 2,
+            kind: StepKind::Action,
+            attempt: 1,
+            first_attempt: 1,
+            waiting: saga_defs::machine::Waiting::Reply { deadline: command.deadline },
+            failure: None,
+            attention: None,
+        };
+
+        let mut tx = conn.begin().await.unwrap();
+        let mut writer = Writes::batched(&mut tx, false);
+        writer.prefetch(&ids).await.unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            let row = writer.lock(*id).await.unwrap().unwrap();
+            let started = writer.finish_attempt(*id, &succeeded(1, "reserve_inventory"), now).await.unwrap();
+            assert!(started.is_some(), "the pending attempt was known to the batch");
+            assert!(writer.update(&row, &next, "charge_payment", None, now).await.unwrap());
+            writer.insert_attempt(*id, &command, now).await.unwrap();
+            if i == 0 {
+                let started = writer.finish_attempt(*id, &succeeded(2, "charge_payment"), now).await.unwrap();
+                assert!(started.is_some(), "the attempt started in this batch was known to it");
+            }
+            let entry = HistoryEntry {
+                saga_id: *id,
+                version: row.version + 1,
+                from_status: Some(saga_defs::SagaStatus::Running),
+                to_status: saga_defs::SagaStatus::Running,
+                trigger: "reply",
+                summary: "reserve_inventory succeeded",
+                detail: serde_json::json!({}),
+                now,
+            };
+            writer.append_history(entry).await.unwrap();
+            let message = OutboxMessage::new("commands".into(), id, "command", &serde_json::json!({"n": i}));
+            writer.outbox(vec![message]).await.unwrap();
+        }
+        assert!(writer.flush().await.unwrap().is_none());
+        tx.commit().await.unwrap();
+
+        let attempts: Vec<(Uuid, String, String)> =
+            sqlx::query_as("SELECT saga_id, step_name, status FROM saga_step_attempts WHERE step_index > 0")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        let mut expected = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            expected.push((*id, "reserve_inventory".to_owned(), "SUCCEEDED".to_owned()));
+            let payment = if i == 0 { "SUCCEEDED" } else { "PENDING" };
+            expected.push((*id, "charge_payment".to_owned(), payment.to_owned()));
+        }
+        let mut attempts = attempts;
+        attempts.sort();
+        expected.sort();
+        assert_eq!(attempts, expected);
+        let sagas: Vec<(String, i64)> = sqlx::query_as("SELECT DISTINCT step_name, version FROM saga_instances")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(sagas, vec![("charge_payment".to_owned(), 2)]);
+        let history: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_history").fetch_one(&mut conn).await.unwrap();
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&mut conn).await.unwrap();
+        assert_eq!((history, outbox), (3, 3));
         drop(conn);
         scratch::drop(&name).await;
     }

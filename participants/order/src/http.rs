@@ -271,12 +271,14 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
     let id = Uuid::now_v7();
     let saga_id = SagaId::new();
     let mut tx = context.pool.begin().await?;
-    let inserted = sqlx::query(
+    // The row comes back from the INSERT itself: no read-back after the commit.
+    let inserted: Option<OrderRow> = sqlx::query_as(&format!(
         "INSERT INTO orders (id, idempotency_key, request_hash, customer_id, items, total_cents, currency, payment_token,
              shipping_address, status, saga_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'PENDING', $10)
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING {ORDER_COLUMNS}"
+    ))
     .bind(id)
     .bind(&key)
     .bind(&hash)
@@ -287,11 +289,9 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
     .bind(&request.payment_token)
     .bind(sqlx::types::Json(&request.shipping_address))
     .bind(saga_id.as_uuid())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !inserted {
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(order) = inserted else {
         let (existing, existing_hash): (Uuid, String) =
             sqlx::query_as("SELECT id, request_hash FROM orders WHERE idempotency_key = $1")
                 .bind(&key)
@@ -305,7 +305,7 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
         }
         let order = load(&context, existing).await?;
         return Ok((StatusCode::OK, Json(order.to_json())).into_response());
-    }
+    };
     let start = StartSagaRequest {
         schema_version: SCHEMA_VERSION,
         saga_id,
@@ -350,7 +350,6 @@ async fn place(State(context): State<ApiContext>, headers: HeaderMap, body: Byte
         order_id = %id, saga_id = %saga_id, trace_id = %request_span.trace_id(), correlation_id = trace.correlation(),
         "order placed"
     );
-    let order = load(&context, id).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/api/v1/orders/{id}"))], Json(order.to_json()))
         .into_response())
 }

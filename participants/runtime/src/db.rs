@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use sqlx::migrate::{MigrateDatabase, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::{Arguments, PgPool, Postgres};
 
 use crate::config::DatabaseConfig;
 
@@ -57,6 +57,46 @@ pub async fn migrate(config: &DatabaseConfig, migrations: Vec<Migrator>) -> anyh
     let config = DatabaseConfig { database_migrate: true, ..config.clone() };
     connect(&config, migrations).await?.close().await;
     Ok(())
+}
+
+/// The parameters of a statement assembled from parts (several CTEs in one round trip), each
+/// part numbering its placeholders by adding its values in the order it writes them.
+#[derive(Default)]
+pub struct Params(PgArguments);
+
+impl Params {
+    /// Adds a parameter and returns its placeholder (`$n`).
+    pub fn add<'q, T>(&mut self, value: T) -> sqlx::Result<String>
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.0.add(value).map_err(sqlx::Error::Encode)?;
+        Ok(format!("${}", self.0.len()))
+    }
+
+    /// How many parameters were added.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// `sql` with these parameters.
+    pub fn query(self, sql: &str) -> sqlx::query::Query<'_, Postgres, PgArguments> {
+        sqlx::query_with(sql, self.0)
+    }
+
+    /// `sql` with these parameters, returning one column.
+    pub fn query_scalar<O>(self, sql: &str) -> sqlx::query::QueryScalar<'_, Postgres, O, PgArguments>
+    where
+        O: Send + Unpin,
+        (O,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_scalar_with(sql, self.0)
+    }
 }
 
 /// The URL of database `database` on the test server (`TEST_POSTGRES_URL`, or the local one).

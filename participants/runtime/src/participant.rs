@@ -170,8 +170,9 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
             message.headers = trace.headers(handled);
             messages.push(message);
         }
-        processed.store(&mut tx).await?;
-        let handed = outbox::insert_then_hand_off(&mut tx, self.handoff.as_ref(), messages).await?.since(started);
+        let records = processed.store()?;
+        let handed =
+            outbox::insert_then_hand_off_with(&mut tx, self.handoff.as_ref(), messages, records).await?.since(started);
         crate::crash_point!("participant.after_handle");
         tx.commit().await?;
         handed.send();
@@ -324,8 +325,12 @@ impl Processed {
         self.new.push((key, outcome, tombstone));
     }
 
-    async fn store(&mut self, conn: &mut PgConnection) -> sqlx::Result<()> {
-        for tombstones in [false, true] {
+    /// The new records, as writes that go with the batch's outbox insert: no round trip of their
+    /// own. Within a batch a record and a tombstone never share a key (`record` keeps a tombstone
+    /// only where no record is known), so the two inserts cannot meet in the one statement.
+    fn store(self) -> sqlx::Result<Option<outbox::Also>> {
+        let mut also = outbox::Also::default();
+        for (name, tombstones) in [("records", false), ("tombstones", true)] {
             let rows: Vec<_> = self.new.iter().filter(|(_, _, t)| *t == tombstones).collect();
             if rows.is_empty() {
                 continue;
@@ -333,19 +338,17 @@ impl Processed {
             // A record written meanwhile by someone else fails the batch (which is then applied
             // again and replays it); a tombstone gives way to it.
             let conflict = if tombstones { " ON CONFLICT DO NOTHING" } else { "" };
-            sqlx::query(&format!(
+            let sql = format!(
                 "INSERT INTO processed_commands (saga_id, step, kind, outcome)
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[]){conflict}"
-            ))
-            .bind(rows.iter().map(|((id, _, _), _, _)| *id).collect::<Vec<_>>())
-            .bind(rows.iter().map(|((_, step, _), _, _)| step.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|((_, _, kind), _, _)| *kind).collect::<Vec<_>>())
-            .bind(rows.iter().map(|(_, outcome, _)| sqlx::types::Json(outcome)).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
+                 SELECT * FROM UNNEST({}::uuid[], {}::text[], {}::text[], {}::jsonb[]){conflict}",
+                also.add(rows.iter().map(|((id, _, _), _, _)| *id).collect::<Vec<_>>())?,
+                also.add(rows.iter().map(|((_, step, _), _, _)| step.as_str()).collect::<Vec<_>>())?,
+                also.add(rows.iter().map(|((_, _, kind), _, _)| *kind).collect::<Vec<_>>())?,
+                also.add(rows.iter().map(|(_, outcome, _)| sqlx::types::Json(outcome)).collect::<Vec<_>>())?,
+            );
+            also.cte(name, &sql);
         }
-        self.new.clear();
-        Ok(())
+        Ok((!also.is_empty()).then_some(also))
     }
 }
 
@@ -642,9 +645,13 @@ mod tests {
     }
 
     fn record(saga: uuid::Uuid, answer: &str, offset: i64) -> Record {
+        command(saga, "ACTION", answer, offset)
+    }
+
+    fn command(saga: uuid::Uuid, kind: &str, answer: &str, offset: i64) -> Record {
         let command = serde_json::json!({
             "schema_version": SCHEMA_VERSION, "message_id": uuid::Uuid::new_v4(), "saga_id": saga,
-            "saga_type": "order_saga", "step": "scripted_step", "kind": "ACTION", "action": "act", "attempt": 1,
+            "saga_type": "order_saga", "step": "scripted_step", "kind": kind, "action": "act", "attempt": 1,
             "reply_to": "replies", "input": {"answer": answer}, "deadline": "2030-01-01T00:00:00Z",
         });
         Record {
@@ -657,10 +664,8 @@ mod tests {
         }
     }
 
-    /// In one batch, a refusal or a transient failure undoes only what its own handler wrote:
-    /// the commands before and after it keep theirs, whatever the order of outcomes.
-    #[tokio::test]
-    async fn a_refused_command_undoes_its_own_writes_and_no_other() {
+    /// A fresh database with the runtime's tables, a `written` table and a handler on it.
+    async fn scratch() -> (PgConnection, String, PgPool, CommandHandler<Scripted>) {
         let name = format!("sagatest_participant_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
         admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
@@ -672,6 +677,14 @@ mod tests {
         pool.execute("CREATE TABLE written (saga_id uuid, n int)").await.unwrap();
         let handler =
             CommandHandler { pool: pool.clone(), handoff: None, participant: Scripted, service: "test".into() };
+        (admin, name, pool, handler)
+    }
+
+    /// In one batch, a refusal or a transient failure undoes only what its own handler wrote:
+    /// the commands before and after it keep theirs, whatever the order of outcomes.
+    #[tokio::test]
+    async fn a_refused_command_undoes_its_own_writes_and_no_other() {
+        let (mut admin, name, pool, handler) = scratch().await;
 
         let answers = ["done", "refused", "done", "done", "transient", "refused", "done", "transient"];
         let sagas: Vec<uuid::Uuid> = answers.iter().map(|_| uuid::Uuid::now_v7()).collect();
@@ -708,6 +721,59 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(replayed, answers.iter().map(|a| *a != "transient").collect::<Vec<_>>());
+        pool.close().await;
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+
+    /// A compensation that arrives before its action (in the same batch or an earlier one)
+    /// leaves a tombstone, stored in the batch's one statement with its records: the action then
+    /// answers ALREADY_COMPENSATED without running. An action already done gets no tombstone.
+    #[tokio::test]
+    async fn a_compensation_before_its_action_keeps_the_action_from_running() {
+        let (mut admin, name, pool, handler) = scratch().await;
+        let [early, done_first, late]: [uuid::Uuid; 3] = std::array::from_fn(|_| uuid::Uuid::now_v7());
+        handler
+            .handle(&[
+                command(early, "COMPENSATION", "done", 0),
+                command(early, "ACTION", "done", 1),
+                command(done_first, "ACTION", "done", 2),
+                command(done_first, "COMPENSATION", "done", 3),
+                command(late, "COMPENSATION", "done", 4),
+            ])
+            .await
+            .unwrap();
+        handler.handle(&[command(late, "ACTION", "done", 5)]).await.unwrap();
+
+        let stored: Vec<(uuid::Uuid, String, Option<String>)> = sqlx::query_as(
+            "SELECT saga_id, kind, outcome->'error'->>'code' FROM processed_commands ORDER BY saga_id, kind",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let tombstone = Some(codes::ALREADY_COMPENSATED.to_string());
+        let mut expected: Vec<(uuid::Uuid, String, Option<String>)> = vec![
+            (early, "ACTION".into(), tombstone.clone()),
+            (early, "COMPENSATION".into(), None),
+            (done_first, "ACTION".into(), None),
+            (done_first, "COMPENSATION".into(), None),
+            (late, "ACTION".into(), tombstone.clone()),
+            (late, "COMPENSATION".into(), None),
+        ];
+        expected.sort();
+        assert_eq!(stored, expected);
+        // Only the compensations and the action done first ran their handler.
+        let written: i64 = sqlx::query_scalar("SELECT count(*) FROM written").fetch_one(&pool).await.unwrap();
+        assert_eq!(written, 2 * 4);
+        let replies: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT payload->>'saga_id', payload->'outcome'->>'status', payload->'outcome'->'error'->>'code'
+             FROM outbox ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let refused = |saga: uuid::Uuid| (saga.to_string(), "FAILED".to_string(), tombstone.clone());
+        let ok = |saga: uuid::Uuid| (saga.to_string(), "SUCCEEDED".to_string(), None);
+        assert_eq!(replies, vec![ok(early), refused(early), ok(done_first), ok(done_first), ok(late), refused(late)]);
         pool.close().await;
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
     }

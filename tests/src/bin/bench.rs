@@ -90,6 +90,12 @@ struct Args {
     /// Rounds of the on-call queries sent one after another on an idle system, per table size.
     #[arg(long, default_value_t = 30)]
     query_rounds: usize,
+    /// Seconds of arrivals at 50 orders/s before anything is measured: connections, topics'
+    /// leaders, the broker's JIT, the tables' first pages, plans and statistics. A fresh system's
+    /// first half-minute is slower and noisier than what follows (docs/performance.md); give 30
+    /// or more when comparing two builds at a first rate.
+    #[arg(long, default_value_t = 5.0)]
+    warm_up_seconds: f64,
 }
 
 /// Everything counted at one moment.
@@ -556,8 +562,10 @@ async fn main() -> anyhow::Result<()> {
         saga_e2e::bin_dir().display(),
         bench.system.run_id
     );
-    // A short warm-up: connections, topics' leaders, the JIT of the broker.
-    bench.run("warm-up", 50.0, 5.0).await?;
+    // A warm-up, measured by nobody (`--warm-up-seconds`).
+    if args.warm_up_seconds > 0.0 {
+        bench.run("warm-up", 50.0, args.warm_up_seconds).await?;
+    }
     if let Some(count) = args.preload {
         return scale(&args, bench, count).await;
     }

@@ -307,20 +307,21 @@ impl<'c> Writes<'c> {
             .into_iter()
             .partition(|(id, f, _)| started.contains(&key(*id, f.step.as_str(), f.kind, f.attempt)));
 
-        let mut params = Params::default();
-        let mut ctes = Vec::new();
+        let mut first = outbox::Also::default();
         if !new_attempts.is_empty() {
-            ctes.push(format!("new_attempts AS ({})", insert_attempts(&mut params, &new_attempts)?));
+            let sql = insert_attempts(first.params(), &new_attempts)?;
+            first.cte("new_attempts", &sql);
         }
         if !finished.is_empty() {
-            ctes.push(format!("finished_attempts AS ({})", finish_attempts(&mut params, &finished)?));
+            let sql = finish_attempts(first.params(), &finished)?;
+            first.cte("finished_attempts", &sql);
         }
-        let main = if updates.is_empty() { "SELECT 1".to_owned() } else { update_sagas(&mut params, &updates)? };
-        if !updates.is_empty() || !ctes.is_empty() {
-            let with = if ctes.is_empty() { String::new() } else { format!("WITH {} ", ctes.join(", ")) };
+        if !updates.is_empty() || !first.is_empty() {
+            let main = if updates.is_empty() { "SELECT 1".to_owned() } else { update_sagas(first.params(), &updates)? };
+            let (sql, params) = first.statement(&main);
             // Planned at each call (unprepared), as the batch's reads are.
-            let updated = params.query(&format!("{with}{main}")).persistent(false).execute(&mut *conn).await?;
-            if updated.rows_affected() != updates.len() as u64 && !updates.is_empty() {
+            let updated = params.query(&sql).persistent(false).execute(&mut *conn).await?;
+            if !updates.is_empty() && updated.rows_affected() != updates.len() as u64 {
                 // Rows locked by this transaction cannot have moved: something else wrote them.
                 return Err(sqlx::Error::Protocol(format!(
                     "{} of {} saga updates found their version moved under a held lock",

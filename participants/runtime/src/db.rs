@@ -74,16 +74,6 @@ impl Params {
         Ok(format!("${}", self.0.len()))
     }
 
-    /// How many parameters were added.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether none was.
-    pub fn is_empty(&self) -> bool {
-        self.0.len() == 0
-    }
-
     /// `sql` with these parameters.
     pub fn query(self, sql: &str) -> sqlx::query::Query<'_, Postgres, PgArguments> {
         sqlx::query_with(sql, self.0)

@@ -119,15 +119,7 @@ pub struct Also {
 }
 
 impl Also {
-    /// Adds a parameter for a CTE and returns its placeholder.
-    pub fn add<'q, T>(&mut self, value: T) -> sqlx::Result<String>
-    where
-        T: 'q + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        self.params.add(value)
-    }
-
-    /// The parameters, for a part written by a helper that takes [`Params`].
+    /// The parameters: each part adds its values here and writes the placeholders it is given.
     pub fn params(&mut self) -> &mut Params {
         &mut self.params
     }
@@ -140,6 +132,15 @@ impl Also {
     /// Whether there is nothing to run.
     pub fn is_empty(&self) -> bool {
         self.ctes.is_empty()
+    }
+
+    /// The statement `main` preceded by the CTEs, and the parameters of both (`main`'s added
+    /// after the CTEs' ones).
+    pub fn statement(self, main: &str) -> (String, Params) {
+        if self.ctes.is_empty() {
+            return (main.to_owned(), self.params);
+        }
+        (format!("WITH {} {main}", self.ctes.join(", ")), self.params)
     }
 }
 
@@ -168,11 +169,11 @@ async fn insert_rows(
     handed_off: bool,
     also: Option<Also>,
 ) -> sqlx::Result<Vec<i64>> {
-    let Also { ctes, mut params } = also.unwrap_or_default();
-    let with = if ctes.is_empty() { String::new() } else { format!("WITH {} ", ctes.join(", ")) };
+    let mut also = also.unwrap_or_default();
     if messages.is_empty() {
-        if !ctes.is_empty() {
-            params.query(&format!("{with}SELECT 1")).execute(conn).await?;
+        if !also.is_empty() {
+            let (sql, params) = also.statement("SELECT 1");
+            params.query(&sql).execute(conn).await?;
         }
         return Ok(Vec::new());
     }
@@ -195,8 +196,9 @@ async fn insert_rows(
         .collect();
     let headers: Vec<sqlx::types::Json<&[(String, String)]>> =
         messages.iter().map(|m| sqlx::types::Json(m.headers.as_slice())).collect();
-    let sql = format!(
-        "{with}INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
+    let params = also.params();
+    let insert = format!(
+        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
          SELECT u.*, {} FROM UNNEST({}::text[], {}::text[], {}::text[], {}::jsonb[], {}::bytea[], {}::jsonb[]) AS u
          RETURNING id",
         params.add(handed_off)?,
@@ -207,6 +209,7 @@ async fn insert_rows(
         params.add(raws)?,
         params.add(headers)?,
     );
+    let (sql, params) = also.statement(&insert);
     // Ids are drawn in the order of the arrays, so they sort as the messages were given.
     let mut ids: Vec<i64> = params.query_scalar(&sql).fetch_all(conn).await?;
     ids.sort_unstable();

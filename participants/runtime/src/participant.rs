@@ -341,10 +341,10 @@ impl Processed {
             let sql = format!(
                 "INSERT INTO processed_commands (saga_id, step, kind, outcome)
                  SELECT * FROM UNNEST({}::uuid[], {}::text[], {}::text[], {}::jsonb[]){conflict}",
-                also.add(rows.iter().map(|((id, _, _), _, _)| *id).collect::<Vec<_>>())?,
-                also.add(rows.iter().map(|((_, step, _), _, _)| step.as_str()).collect::<Vec<_>>())?,
-                also.add(rows.iter().map(|((_, _, kind), _, _)| *kind).collect::<Vec<_>>())?,
-                also.add(rows.iter().map(|(_, outcome, _)| sqlx::types::Json(outcome)).collect::<Vec<_>>())?,
+                also.params().add(rows.iter().map(|((id, _, _), _, _)| *id).collect::<Vec<_>>())?,
+                also.params().add(rows.iter().map(|((_, step, _), _, _)| step.as_str()).collect::<Vec<_>>())?,
+                also.params().add(rows.iter().map(|((_, _, kind), _, _)| *kind).collect::<Vec<_>>())?,
+                also.params().add(rows.iter().map(|(_, outcome, _)| sqlx::types::Json(outcome)).collect::<Vec<_>>())?,
             );
             also.cte(name, &sql);
         }

@@ -710,6 +710,33 @@ impl System {
             .unwrap_or(0.0))
     }
 
+    /// Scrapes `sample` from `service` every 100 ms until `wanted` holds for it, and returns it;
+    /// after `timeout`, an error saying `what` was awaited, with [`Self::diagnostics`].
+    pub async fn wait_metric(
+        &self,
+        service: &str,
+        sample: &str,
+        wanted: impl Fn(f64) -> bool,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        loop {
+            let value = self.metric(service, sample).await?;
+            if wanted(value) {
+                return Ok(value);
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "{what}: {service}'s {} still {value} after {timeout:?}{}",
+                    sample.trim(),
+                    self.diagnostics().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// What a failed wait should print, since CI keeps nothing else: per service, whether its
     /// process runs, its outbox backlog and the last warnings, errors and rebalances of its log;
     /// then the last lines of the private broker's log, if any.

@@ -487,22 +487,21 @@ async fn rebalances_while_the_outbox_relays_are_publishing() -> anyhow::Result<(
     let system = start(Options::default()).await?;
     let before = faults::stock_up(&system, &["FAULT-A", "FAULT-B"], 10_000).await?;
     // The orchestrator's relay publishes the commands the rebalancing participants consume.
-    let published = || system.metric("orchestrator", "saga_outbox_published_total ");
+    const PUBLISHED: &str = "saga_outbox_published_total ";
     let rebalances = async {
         // The rebalances begin once the orchestrator publishes: `/ready` does not wait for the
         // group's first assignment, which took 0.5-2.5 s here and, in one CI run on KIP-848,
         // longer than the whole burst (the count was 0 before and after the rebalances).
         let waiting = Instant::now();
-        let first = loop {
-            let count = published().await?;
-            if count > 0.0 {
-                break count;
-            }
-            if waiting.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("the orchestrator published nothing within 60 s{}", system.diagnostics().await);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let first = system
+            .wait_metric(
+                "orchestrator",
+                PUBLISHED,
+                |n| n > 0.0,
+                Duration::from_secs(60),
+                "no first publication by the orchestrator",
+            )
+            .await?;
         eprintln!("the orchestrator's first publication {:?} into the burst", waiting.elapsed());
         system.spawn("inventory#2")?;
         system.spawn("payment#2")?;
@@ -512,7 +511,7 @@ async fn rebalances_while_the_outbox_relays_are_publishing() -> anyhow::Result<(
         anyhow::ensure!(status.success(), "inventory exits cleanly on SIGTERM: {status}");
         system.spawn("orchestrator#2")?;
         system.wait_ready("orchestrator#2", Duration::from_secs(60)).await?;
-        let last = published().await?;
+        let last = system.metric("orchestrator", PUBLISHED).await?;
         anyhow::Ok((first, last))
     };
     let load = faults::place_many(&system, "rebalance", 150, 25.0, &["FAULT-A", "FAULT-B"], Kind::mix);

@@ -403,11 +403,9 @@ async fn at_the_bound_start_requests_wait_in_kafka_and_run_as_sagas_finish() -> 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // The gauge follows the counts of sagas in flight, read again every 200 ms (admission::REFRESH).
-    let started = std::time::Instant::now();
-    while system.metric("orchestrator", "saga_start_intake_paused{saga_type=\"ops-slow\"}").await? != 0.0 {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "intake still paused with nothing in flight");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let paused = "saga_start_intake_paused{saga_type=\"ops-slow\"}";
+    let (wanted, timeout) = (|paused| paused == 0.0, Duration::from_secs(10));
+    system.wait_metric("orchestrator", paused, wanted, timeout, "intake still paused with nothing in flight").await?;
     system.stop().await
 }
 

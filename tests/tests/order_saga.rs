@@ -326,13 +326,9 @@ async fn a_reply_delivered_twice_causes_one_transition() -> anyhow::Result<()> {
             .await
             .map_err(|(e, _)| e)?;
     }
-    let started = std::time::Instant::now();
-    while system.metric("orchestrator", "saga_replies_ignored_total{reason=\"duplicate\"}").await?
-        < ignored_before + 1.0
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "the duplicate was never counted as ignored");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let ignored = "saga_replies_ignored_total{reason=\"duplicate\"}";
+    let (wanted, timeout) = (|n| n >= ignored_before + 1.0, Duration::from_secs(30));
+    system.wait_metric("orchestrator", ignored, wanted, timeout, "the duplicate was never counted as ignored").await?;
     let saga = system.saga(&saga_id).await?;
     let verify: Vec<&Value> = saga["history"]
         .as_array()

@@ -1,4 +1,4 @@
--- pgbench -M extended or -M prepared (array parameters; -M simple cannot pass them): the shape of the orchestrator's batch update (20 sagas FROM UNNEST), -r for its own latency.
+-- pgbench -M extended or -M prepared (array parameters; -M simple cannot pass them): the shape of the orchestrator's batch update (orchestrator/src/writes.rs, update_sagas: keep the two in step), 20 sagas FROM UNNEST; -r for its own latency.
 \set s random(1, 1980)
 SELECT array_agg(id)::text AS ids, array_agg(version)::text AS vers, array_agg(clock_timestamp() + interval '10 s')::text AS wakes FROM (SELECT h.id, s.version FROM hot_ids h JOIN saga_instances s USING (id) WHERE h.n >= :s AND h.n < :s + 20) x \gset
 UPDATE saga_instances s SET

@@ -30,10 +30,13 @@ fn orchestrator_migrations() -> sqlx::migrate::Migrator {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let command = saga_runtime::config::with_runbook_aliases(Config::command()).mut_arg("database_url", |a| {
+    let mut command = saga_runtime::config::with_runbook_aliases(Config::command()).mut_arg("database_url", |a| {
         a.default_value("postgres://postgres@127.0.0.1:5432/saga_orchestrator").required(false)
     });
-    let config = Config::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    let config = Config::from_arg_matches(&command.get_matches_mut()).unwrap_or_else(|e| e.exit());
+    if let Err(message) = config.outbox.check() {
+        command.error(clap::error::ErrorKind::ArgumentConflict, message).exit();
+    }
     telemetry::init_logs(&config.telemetry);
     saga_runtime::config::log_runbook_aliases();
     saga_runtime::faults::setup()?;

@@ -141,6 +141,26 @@ pub struct OutboxConfig {
     /// publish left it), in milliseconds.
     #[arg(long, env = "OUTBOX_HANDOFF_GRACE_MS", default_value = "2000", value_parser = parse_millis)]
     pub outbox_handoff_grace: Duration,
+    /// How long the relay gathers the rows the broker acknowledged before deleting them in one
+    /// statement and one commit (milliseconds; below half the hand-off grace, so that the sweep
+    /// never publishes a row that is only waiting for its delete).
+    #[arg(long, env = "OUTBOX_DELETE_LINGER_MS", default_value = "200", value_parser = parse_millis)]
+    pub outbox_delete_linger: Duration,
+}
+
+impl OutboxConfig {
+    /// What the settings cannot be together: a delete that lingers half the grace period or more
+    /// would let the sweep publish again rows the broker already acknowledged.
+    pub fn check(&self) -> Result<(), String> {
+        if self.outbox_delete_linger * 2 > self.outbox_handoff_grace {
+            return Err(format!(
+                "OUTBOX_DELETE_LINGER_MS ({} ms) must be at most half of OUTBOX_HANDOFF_GRACE_MS ({} ms)",
+                self.outbox_delete_linger.as_millis(),
+                self.outbox_handoff_grace.as_millis()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Logging and metrics settings.
@@ -293,6 +313,23 @@ mod tests {
         assert!(parse_batch_timeout("11s").unwrap_err().contains("longer than 10s"));
         assert!(parse_batch_timeout("100").is_err(), "a bare number has no unit");
         assert!(parse_batch_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn the_outbox_delete_lingers_at_most_half_the_hand_off_grace() {
+        #[derive(Debug, clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            outbox: OutboxConfig,
+        }
+        use clap::Parser;
+        let parse = |args: &[&str]| Probe::try_parse_from(args).unwrap().outbox;
+        assert_eq!(parse(&["probe"]).check(), Ok(()), "the defaults");
+        assert_eq!(parse(&["probe", "--outbox-delete-linger", "1000"]).check(), Ok(()));
+        let error = parse(&["probe", "--outbox-delete-linger", "1001"]).check().unwrap_err();
+        assert!(error.contains("OUTBOX_DELETE_LINGER_MS (1001 ms)"), "{error}");
+        let short = parse(&["probe", "--outbox-handoff-grace", "300", "--outbox-delete-linger", "200"]);
+        assert!(short.check().is_err(), "a shorter grace period than the default's");
     }
 
     /// The runbook's names set our defaults; our own variable still wins (each test runs in a

@@ -417,7 +417,7 @@ pub async fn run_relay(
     };
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(HANDOFFS_IN_FLIGHT));
     let (acknowledged, deletions) = tokio::sync::mpsc::unbounded_channel();
-    let deleter = delete_acknowledged(pool.clone(), deletions, shutdown.clone());
+    let deleter = delete_acknowledged(pool.clone(), deletions, config.outbox_delete_linger, shutdown.clone());
     let relay = async move {
         while !shutdown.is_cancelled() {
             // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
@@ -565,11 +565,8 @@ async fn publish_handed_off(
     });
 }
 
-/// How long the deleter gathers acknowledged hand-offs before deleting them in one statement.
-const DELETE_LINGER: Duration = Duration::from_millis(10);
-
 /// Deletes the rows the broker acknowledged: every hand-off acknowledged within
-/// [`DELETE_LINGER`] of the first in one statement and one commit, instead of one each (a
+/// `linger` of the first in one statement and one commit, instead of one each (a
 /// service that hands off an order or a small batch at a time wrote a commit per hand-off).
 /// A row published but not deleted (the database failing, a stop) is published once more by the
 /// sweep, which consumers deduplicate. Ends when every sender is gone or at `shutdown`, after
@@ -577,6 +574,7 @@ const DELETE_LINGER: Duration = Duration::from_millis(10);
 async fn delete_acknowledged(
     pool: PgPool,
     mut acknowledged: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>,
+    linger: Duration,
     shutdown: CancellationToken,
 ) {
     let mut batches = Vec::new();
@@ -588,7 +586,7 @@ async fn delete_acknowledged(
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => true,
-                    _ = tokio::time::sleep(DELETE_LINGER) => false,
+                    _ = tokio::time::sleep(linger) => false,
                 }
             }
             _ = shutdown.cancelled() => true,

@@ -446,15 +446,19 @@ pub struct Defaults {
 impl ServiceConfig {
     /// Parses flags and environment with the service's defaults.
     pub fn parse_with(defaults: Defaults) -> Self {
-        let command = crate::config::with_runbook_aliases(<Self as CommandFactory>::command())
+        let mut command = crate::config::with_runbook_aliases(<Self as CommandFactory>::command())
             .name(defaults.name)
             .about(defaults.about)
             .mut_arg("http_addr", |a| a.default_value(defaults.http_addr).required(false))
             .mut_arg("metrics_addr", |a| a.default_value(defaults.metrics_addr).required(false))
             .mut_arg("profile_addr", |a| a.default_value(defaults.profile_addr))
             .mut_arg("database_url", |a| a.default_value(defaults.database_url).required(false));
-        let matches = command.get_matches();
-        <Self as FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        let matches = command.get_matches_mut();
+        let config = <Self as FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if let Err(message) = config.outbox.check() {
+            command.error(clap::error::ErrorKind::ArgumentConflict, message).exit();
+        }
+        config
     }
 }
 

@@ -142,14 +142,14 @@ pub struct OutboxConfig {
     #[arg(long, env = "OUTBOX_HANDOFF_GRACE_MS", default_value = "2000", value_parser = parse_millis)]
     pub outbox_handoff_grace: Duration,
     /// How long the relay gathers the rows the broker acknowledged before deleting them in one
-    /// statement and one commit (milliseconds; below half the hand-off grace, so that the sweep
+    /// statement and one commit (milliseconds; at most half the hand-off grace, so that the sweep
     /// never publishes a row that is only waiting for its delete).
     #[arg(long, env = "OUTBOX_DELETE_LINGER_MS", default_value = "200", value_parser = parse_millis)]
     pub outbox_delete_linger: Duration,
 }
 
 impl OutboxConfig {
-    /// What the settings cannot be together: a delete that lingers half the grace period or more
+    /// What the settings cannot be together: a delete that lingers more than half the grace period
     /// would let the sweep publish again rows the broker already acknowledged.
     pub fn check(&self) -> Result<(), String> {
         if self.outbox_delete_linger * 2 > self.outbox_handoff_grace {

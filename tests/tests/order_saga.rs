@@ -198,6 +198,14 @@ async fn the_same_order_placed_twice_with_one_key_is_one_order_and_one_saga() ->
         system.place_order("twice-1", &order_body("SKU-TWICE", 2, "tok_visa", "62701")).await?;
     assert_eq!(reused_status, 422, "same key, different body: {reused}");
     assert_eq!(reused["type"], "https://saga-orchestrator.dev/problems/idempotency-key-reused");
+    // Nor a start request for a saga of an order that was not placed (the relay would publish
+    // it after its hand-off grace: it would still be in the outbox now).
+    let orders = system.pool("order").await?;
+    let strays: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE message_key <> $1")
+        .bind(first["saga_id"].as_str())
+        .fetch_one(&orders)
+        .await?;
+    assert_eq!(strays, 0, "start requests written for the second and third placements");
 
     let saga = system.wait_terminal(first["saga_id"].as_str().unwrap(), SETTLE).await?;
     assert_eq!(saga["status"], "COMPLETED");
@@ -209,7 +217,6 @@ async fn the_same_order_placed_twice_with_one_key_is_one_order_and_one_saga() ->
         .json()
         .await?;
     assert_eq!(sagas["count"], 1, "one saga for the order: {sagas:#}");
-    let orders = system.pool("order").await?;
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM orders WHERE idempotency_key = 'twice-1'").fetch_one(&orders).await?;
     assert_eq!(n, 1);

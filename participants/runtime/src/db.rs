@@ -79,6 +79,14 @@ impl Params {
         sqlx::query_with(sql, self.0)
     }
 
+    /// `sql` with these parameters, returning rows as `O`.
+    pub fn query_as<O>(self, sql: &str) -> sqlx::query::QueryAs<'_, Postgres, O, PgArguments>
+    where
+        O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_as_with(sql, self.0)
+    }
+
     /// `sql` with these parameters, returning one column.
     pub fn query_scalar<O>(self, sql: &str) -> sqlx::query::QueryScalar<'_, Postgres, O, PgArguments>
     where

@@ -150,6 +150,23 @@ impl Also {
 pub struct AfterCommit(Option<(Handoff, HandedOff)>);
 
 impl AfterCommit {
+    /// Rows a caller's own statement inserted ([`insert_part`], `handed_off` when `handoff` is
+    /// set), `ids` being what it returned for `messages`, in any order; none when the condition
+    /// kept them out.
+    pub fn inserted(handoff: Option<&Handoff>, mut ids: Vec<i64>, messages: Vec<OutboxMessage>) -> Self {
+        let Some(handoff) = handoff else { return Self(None) };
+        if ids.is_empty() {
+            return Self(None);
+        }
+        // Ids are drawn in the order of the arrays, so they sort as the messages were given.
+        ids.sort_unstable();
+        debug_assert_eq!(ids.len(), messages.len(), "one id per message");
+        Self(Some((
+            handoff.clone(),
+            HandedOff { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() },
+        )))
+    }
+
     /// Counts the dwell from `started` instead (the start of the batch that wrote them).
     pub fn since(self, started: Instant) -> Self {
         Self(self.0.map(|(handoff, batch)| (handoff, batch.since(started))))
@@ -177,6 +194,26 @@ async fn insert_rows(
         }
         return Ok(Vec::new());
     }
+    let insert = insert_part(also.params(), messages, handed_off, None)?;
+    let (sql, params) = also.statement(&insert);
+    // Ids are drawn in the order of the arrays, so they sort as the messages were given.
+    let mut ids: Vec<i64> = params.query_scalar(&sql).fetch_all(conn).await?;
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// The outbox insert of `messages` as a part of a caller's own statement (a data-modifying CTE),
+/// its placeholders numbered in `params`; it inserts nothing unless `only_if` (an SQL condition,
+/// e.g. on a sibling CTE's rows) holds, and returns the `id` of each row. A single statement runs
+/// in a transaction of its own: a caller that needs nothing else in its transaction saves the
+/// round trips of `BEGIN` and `COMMIT`. Rows inserted `handed_off` go to the relay with
+/// [`AfterCommit::inserted`] once the statement returned.
+pub fn insert_part(
+    params: &mut Params,
+    messages: &[OutboxMessage],
+    handed_off: bool,
+    only_if: Option<&str>,
+) -> sqlx::Result<String> {
     let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
     let types: Vec<Option<&str>> = messages.iter().map(|m| m.message_type).collect();
@@ -196,10 +233,10 @@ async fn insert_rows(
         .collect();
     let headers: Vec<sqlx::types::Json<&[(String, String)]>> =
         messages.iter().map(|m| sqlx::types::Json(m.headers.as_slice())).collect();
-    let params = also.params();
-    let insert = format!(
+    Ok(format!(
         "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
          SELECT u.*, {} FROM UNNEST({}::text[], {}::text[], {}::text[], {}::jsonb[], {}::bytea[], {}::jsonb[]) AS u
+         {}
          RETURNING id",
         params.add(handed_off)?,
         params.add(topics)?,
@@ -208,12 +245,8 @@ async fn insert_rows(
         params.add(payloads)?,
         params.add(raws)?,
         params.add(headers)?,
-    );
-    let (sql, params) = also.statement(&insert);
-    // Ids are drawn in the order of the arrays, so they sort as the messages were given.
-    let mut ids: Vec<i64> = params.query_scalar(&sql).fetch_all(conn).await?;
-    ids.sort_unstable();
-    Ok(ids)
+        only_if.map(|condition| format!("WHERE {condition}")).unwrap_or_default(),
+    ))
 }
 
 /// Committed outbox rows and their messages, to publish now.
@@ -677,6 +710,53 @@ mod tests {
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&mut conn).await.unwrap();
         assert_eq!(rows, 9);
         drop(listener);
+        conn.close().await.unwrap();
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+
+    /// A caller's own statement writes its row and the outbox rows in one round trip, the latter
+    /// only when its condition holds (here: the row was new), and hands them to the relay in the
+    /// order of the messages.
+    #[tokio::test]
+    async fn a_part_of_a_callers_statement_inserts_only_when_its_condition_holds() {
+        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
+        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+        conn.execute("CREATE TABLE things (key text PRIMARY KEY)").await.unwrap();
+        let (handoff, mut relay) = Handoff::channel();
+
+        let place = |messages: &[OutboxMessage]| {
+            let mut params = Params::default();
+            let thing = format!(
+                "INSERT INTO things VALUES ({}) ON CONFLICT DO NOTHING RETURNING key",
+                params.add("k").unwrap()
+            );
+            let outbox = insert_part(&mut params, messages, true, Some("EXISTS (SELECT FROM placed)")).unwrap();
+            let sql = format!("WITH placed AS ({thing}), sent AS ({outbox}) SELECT ARRAY(SELECT id FROM sent)");
+            (sql, params)
+        };
+        let messages: Vec<OutboxMessage> = (0..3).map(message).collect();
+        let (sql, params) = place(&messages);
+        let ids: Vec<i64> = params.query_scalar(&sql).fetch_one(&mut conn).await.unwrap();
+        assert_eq!(ids.len(), 3);
+        AfterCommit::inserted(Some(&handoff), ids.into_iter().rev().collect(), messages).send();
+        let handed = relay.try_recv().expect("the rows were handed to the relay");
+        let stored: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, message_key FROM outbox ORDER BY id").fetch_all(&mut conn).await.unwrap();
+        let handed: Vec<(i64, String)> = handed.rows.into_iter().map(|(id, m)| (id, m.key)).collect();
+        assert_eq!(handed, stored, "each id with its message, in order");
+
+        // The same row again: nothing for the outbox, nothing to hand off.
+        let messages: Vec<OutboxMessage> = (3..5).map(message).collect();
+        let (sql, params) = place(&messages);
+        let ids: Vec<i64> = params.query_scalar(&sql).fetch_one(&mut conn).await.unwrap();
+        assert!(ids.is_empty(), "{ids:?}");
+        AfterCommit::inserted(Some(&handoff), ids, messages).send();
+        assert!(relay.try_recv().is_err(), "nothing handed off");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(rows, 3);
         conn.close().await.unwrap();
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
     }

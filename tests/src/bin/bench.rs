@@ -34,7 +34,7 @@ struct Args {
     /// Seconds of arrivals per rate while searching.
     #[arg(long, default_value_t = 20.0)]
     step_seconds: f64,
-    /// Seconds of arrivals at half the saturation rate.
+    /// Seconds of arrivals at half the saturation rate (0: no such run).
     #[arg(long, default_value_t = 30.0)]
     half_seconds: f64,
     /// Instead of the search: one run at this rate (orders/s) for --seconds.
@@ -603,13 +603,17 @@ async fn main() -> anyhow::Result<()> {
         }
         if let Some(rate) = saturation {
             let half = (rate / 2.0).round();
-            println!(
-                "saturation: {rate:.0} orders/s (the highest rate without a growing backlog); now {half:.0}/s for {} s",
-                args.half_seconds
-            );
-            let run = bench.run("half-saturation", half, args.half_seconds).await?;
-            println!("{}", line(&run));
-            runs.push(run);
+            if args.half_seconds > 0.0 {
+                println!(
+                    "saturation: {rate:.0} orders/s (the highest rate without a growing backlog); now {half:.0}/s for {} s",
+                    args.half_seconds
+                );
+                let run = bench.run("half-saturation", half, args.half_seconds).await?;
+                println!("{}", line(&run));
+                runs.push(run);
+            } else {
+                println!("saturation: {rate:.0} orders/s (the highest rate without a growing backlog)");
+            }
         }
     }
     // Stop the services, then measure Postgres alone on the same tables.

@@ -1,7 +1,7 @@
 //! What the benchmark (`scripts/bench`, `src/bin/bench.rs`) measures besides the sagas
 //! themselves: CPU and memory of every process (the services, Kafka, Postgres, the driver) from
 //! `/proc`, Postgres's commits and WAL, the messages through the broker, and quantiles of the
-//! services' Prometheus histograms between two scrapes.
+//! services' Prometheus histograms between two scrapes, and whether a run's backlog grows.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -216,6 +216,27 @@ impl Buckets {
     }
 }
 
+/// How fast a run's backlog (orders scheduled so far minus sagas ended so far, sampled each
+/// second as `(seconds since the start, backlog)`) grows over the second half of its `seconds` of
+/// arrivals, in sagas per second: the least-squares slope, which fits through the noise that a
+/// latency of a few hundred milliseconds puts on every sample. 0 with fewer than three samples.
+pub fn backlog_slope(series: &[(f64, i64)], seconds: f64) -> f64 {
+    let half: Vec<(f64, f64)> =
+        series.iter().filter(|(t, _)| *t >= seconds / 2.0 && *t <= seconds).map(|(t, b)| (*t, *b as f64)).collect();
+    if half.len() < 3 {
+        return 0.0;
+    }
+    linreg::linear_regression_of(&half).map_or(0.0, |(slope, _)| slope)
+}
+
+/// Whether a backlog growing at `slope` sagas a second means the system does not keep up with
+/// `rate` orders a second: it grows by more than 2 % of the arrivals (and at least one saga a
+/// second). A system that keeps up has a slope near 0 whatever its latency; one that ends a
+/// fraction f of the arrivals has a slope of (1 - f) times the rate.
+pub fn backlog_grows(slope: f64, rate: f64) -> bool {
+    slope > (0.02 * rate).max(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +265,43 @@ saga_outbox_dwell_seconds_count 100
         assert_eq!(since.count(), 90.0);
         assert!((since.quantile(0.5).unwrap() - 0.002 - 0.003 * (5.0 / 40.0)).abs() < 1e-12);
         assert_eq!(Buckets::default().quantile(0.5), None);
+    }
+
+    /// A backlog sampled each second for `seconds`: `level` plus `growth` per second, plus the
+    /// noise of sagas ending in bursts (a deterministic ± `noise`).
+    fn series(seconds: u32, level: f64, growth: f64, noise: f64) -> Vec<(f64, i64)> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        (1..=seconds)
+            .map(|t| {
+                let t = f64::from(t);
+                (t, (level + growth * t + rng.random_range(-noise..=noise)).round() as i64)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_backlog_grows_when_its_slope_does_not_when_its_noise_does() {
+        // 120/s with a p99 around 0.5 s: the backlog wanders by ±40 around 40 sagas.
+        let steady = series(40, 40.0, 0.0, 40.0);
+        let slope = backlog_slope(&steady, 40.0);
+        assert!(slope.abs() < 2.4, "{slope}");
+        assert!(!backlog_grows(slope, 120.0));
+        // One burst at the very end (which the middle-against-end rule read as growth) is not.
+        let mut late_burst = steady.clone();
+        late_burst.last_mut().unwrap().1 += 60;
+        assert!(!backlog_grows(backlog_slope(&late_burst, 40.0), 120.0));
+        // Ending 95 % of 120/s: 6 sagas a second more each second, through the same noise.
+        let behind = series(40, 40.0, 6.0, 40.0);
+        let slope = backlog_slope(&behind, 40.0);
+        assert!((slope - 6.0).abs() < 2.0, "{slope}");
+        assert!(backlog_grows(slope, 120.0));
+        // Only the second half counts: a backlog that grew while the run warmed up, then held.
+        let warmed: Vec<(f64, i64)> =
+            (1..=40).map(|t| (f64::from(t), if t < 20 { i64::from(t) * 10 } else { 200 })).collect();
+        assert!(!backlog_grows(backlog_slope(&warmed, 40.0), 120.0));
+        // At 1/s, a saga in flight more or less is not growth.
+        assert!(!backlog_grows(backlog_slope(&series(30, 0.0, 0.0, 1.0), 30.0), 1.0));
+        assert_eq!(backlog_slope(&steady[..2], 40.0), 0.0);
     }
 }

@@ -48,7 +48,9 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
         .set("client.id", client_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        // 1 ms, not librdkafka's 5: every hop of a saga waits for it, and on two cores the
+        // smaller batches cost no throughput (docs/performance.md, 2026-12-03 evening).
+        .set("linger.ms", "1")
         .set("message.timeout.ms", "30000");
     set_all(&mut client, &config.kafka_producer_properties);
     client.create()

@@ -307,14 +307,10 @@ impl Bench {
                 (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
             })
             .collect();
-        // Saturated: fewer sagas end than orders arrive, or the backlog grows from the middle of
-        // the arrivals to their end (beyond noise: a fifth, plus a tenth of a second of arrivals).
-        let at = |fraction: f64| {
-            backlog_series.iter().rev().find(|(t, _)| *t <= seconds * fraction).map_or(0, |(_, b)| *b) as f64
-        };
-        let (middle, end) = (at(0.5), at(1.0));
-        let grows = end > middle * 1.2 + 0.1 * rate;
-        let saturated = completed_per_s + failed_per_s < 0.95 * rate || grows;
+        // Saturated: fewer sagas end than orders arrive, or the backlog grows through the second
+        // half of the arrivals (its least-squares slope, beyond 2 % of the rate).
+        let backlog_slope = bench::backlog_slope(&backlog_series, seconds);
+        let saturated = completed_per_s + failed_per_s < 0.95 * rate || bench::backlog_grows(backlog_slope, rate);
         Ok(json!({
             "label": label,
             "offered_per_s": rate,
@@ -325,6 +321,7 @@ impl Bench {
             "failed_per_s": failed_per_s,
             "backlog_at_end": backlog,
             "backlog_series": backlog_series,
+            "backlog_slope_per_s": backlog_slope,
             "saturated": saturated,
             "drained_in_s": drained.as_secs_f64(),
             "statuses": statuses,
@@ -767,9 +764,10 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
 fn print_detail(run: &Value) {
     println!("\n{} at {} orders/s:", run["label"].as_str().unwrap_or(""), run["offered_per_s"]);
     println!(
-        "  statuses {}; drained {:.1} s after the last arrival",
+        "  statuses {}; drained {:.1} s after the last arrival; the backlog grew {:.2} sagas/s in the arrivals' second half",
         run["statuses"],
-        run["drained_in_s"].as_f64().unwrap_or(0.0)
+        run["drained_in_s"].as_f64().unwrap_or(0.0),
+        run["backlog_slope_per_s"].as_f64().unwrap_or(0.0)
     );
     println!("  end to end (ms) {}", run["e2e_ms"]);
     println!(

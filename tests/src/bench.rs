@@ -42,29 +42,31 @@ fn usage_of(pid: i32) -> anyhow::Result<Usage> {
 }
 
 /// Postgres as a whole: every `postgres` process (the postmaster, its helpers and the backends);
-/// CPU includes backends that have exited (the postmaster's reaped children), memory (only when
-/// `memory` is [`Memory::Measure`], else 0) is the sum of proportional set sizes so that shared
-/// buffers count once.
-fn postgres_usage(memory: Memory) -> anyhow::Result<Usage> {
+/// CPU includes backends that have exited (the postmaster's reaped children). Memory is each
+/// process's private resident memory (`RssAnon`) plus the shared memory and the mapped files
+/// once, as much as the process that maps most of them has resident (`RssShmem`, `RssFile`): the
+/// kernel's counters in `/proc/PID/status`, cheap to read. (Their proportional set sizes,
+/// `smaps_rollup`, walk every process's page tables, shared buffers included: read every ten
+/// seconds, that walk put a bump of a few hundred milliseconds into the sagas' latency at each
+/// reading, docs/performance.md.)
+fn postgres_usage() -> anyhow::Result<Usage> {
     let mut usage = Usage::default();
     let mut pids = Vec::new();
+    let (mut shared, mut files) = (0u64, 0u64);
     for process in procfs::process::all_processes()?.flatten() {
         if let Ok(stat) = process.stat() {
             if stat.comm == "postgres" {
                 pids.push((process.pid, stat.ppid));
                 usage.cpu_seconds += (stat.utime + stat.stime) as f64 / ticks();
-                if memory == Memory::Measure {
-                    if let Ok(rollup) = process.smaps_rollup() {
-                        usage.memory_bytes += rollup
-                            .memory_map_rollup
-                            .iter()
-                            .filter_map(|m| m.extension.map.get("Pss").copied())
-                            .sum::<u64>();
-                    }
+                if let Ok(status) = process.status() {
+                    usage.memory_bytes += status.rssanon.unwrap_or(0) * 1024;
+                    shared = shared.max(status.rssshmem.unwrap_or(0) * 1024);
+                    files = files.max(status.rssfile.unwrap_or(0) * 1024);
                 }
             }
         }
     }
+    usage.memory_bytes += shared + files;
     // The postmaster: a postgres process whose parent is not one.
     let postgres: Vec<i32> = pids.iter().map(|(pid, _)| *pid).collect();
     for (pid, ppid) in &pids {
@@ -84,21 +86,12 @@ pub fn kafka_pid() -> Option<i32> {
     })
 }
 
-/// Whether a sample reads Postgres's memory. Its proportional set size walks the page tables of
-/// every Postgres process (`smaps_rollup`), shared buffers included: once a second that was 5 % of
-/// this 2-core machine's CPU (`perf`: `smaps_account`), counted against the system under test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Memory {
-    Measure,
-    Skip,
-}
-
 impl Watched {
-    /// The usage of everything watched, with `postgres` added (its memory 0 unless measured).
-    pub fn sample(&self, memory: Memory) -> BTreeMap<String, Usage> {
+    /// The usage of everything watched, with `postgres` added.
+    pub fn sample(&self) -> BTreeMap<String, Usage> {
         let mut out: BTreeMap<String, Usage> =
             self.single.iter().filter_map(|(name, pid)| Some((name.clone(), usage_of(*pid).ok()?))).collect();
-        if let Ok(usage) = postgres_usage(memory) {
+        if let Ok(usage) = postgres_usage() {
             out.insert("postgres".into(), usage);
         }
         out
@@ -237,9 +230,81 @@ pub fn backlog_grows(slope: f64, rate: f64) -> bool {
     slope > (0.02 * rate).max(1.0)
 }
 
+/// End-to-end latency of the sagas scheduled in one second of a run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Second {
+    /// Whole seconds since the run's first scheduled order.
+    pub second: u64,
+    pub sagas: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Sagas' end-to-end latencies (microseconds) grouped by the second their order was scheduled
+/// in (seconds since the run's start): whether a run's tail is spread evenly or comes from a few
+/// seconds in which something else ran (a checkpoint, an autovacuum, a rebalance).
+pub fn by_second(samples: &[(f64, u64)]) -> anyhow::Result<Vec<Second>> {
+    let mut seconds: BTreeMap<u64, hdrhistogram::Histogram<u64>> = BTreeMap::new();
+    for &(offset, micros) in samples {
+        let second = offset.max(0.0).floor() as u64;
+        let histogram = match seconds.entry(second) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)?)
+            }
+        };
+        histogram.saturating_record(micros.max(1));
+    }
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    Ok(seconds
+        .into_iter()
+        .map(|(second, h)| Second {
+            second,
+            sagas: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        })
+        .collect())
+}
+
+/// The seconds holding the most of a run's slowest sagas (those above its overall p99), worst
+/// first: `(second, slow sagas in it, its max)`.
+pub fn worst_seconds(samples: &[(f64, u64)], p99_micros: u64, keep: usize) -> Vec<(u64, usize, f64)> {
+    let mut slow: BTreeMap<u64, (usize, u64)> = BTreeMap::new();
+    for &(offset, micros) in samples.iter().filter(|(_, micros)| *micros > p99_micros) {
+        let entry = slow.entry(offset.max(0.0).floor() as u64).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(micros);
+    }
+    let mut worst: Vec<(u64, usize, f64)> =
+        slow.into_iter().map(|(second, (count, max))| (second, count, max as f64 / 1000.0)).collect();
+    worst.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    worst.truncate(keep);
+    worst
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latencies_are_grouped_by_the_second_of_their_schedule_and_the_slow_ones_found() {
+        let mut samples: Vec<(f64, u64)> = (0..300).map(|i| (i as f64 / 100.0, 100_000)).collect();
+        // Second 1 holds the whole tail.
+        samples.extend([(1.2, 900_000), (1.5, 800_000), (2.1, 400_000)]);
+        let seconds = by_second(&samples).unwrap();
+        assert_eq!(seconds.iter().map(|s| (s.second, s.sagas)).collect::<Vec<_>>(), [(0, 100), (1, 102), (2, 101)]);
+        assert!((seconds[0].max_ms - 100.0).abs() < 0.1, "{seconds:?}");
+        assert!((seconds[1].max_ms - 900.0).abs() < 1.0, "{seconds:?}");
+        assert!((seconds[1].p50_ms - 100.0).abs() < 0.1);
+        let worst = worst_seconds(&samples, 300_000, 5);
+        assert_eq!(worst.len(), 2);
+        assert_eq!((worst[0].0, worst[0].1), (1, 2));
+        assert_eq!((worst[1].0, worst[1].1), (2, 1));
+        assert!(worst_seconds(&samples, 1_000_000, 5).is_empty());
+    }
 
     const TEXT: &str = r#"
 # TYPE saga_outbox_dwell_seconds histogram

@@ -135,7 +135,7 @@ impl Bench {
         Ok(Snapshot {
             at: Instant::now(),
             wall: Utc::now(),
-            usage: self.watched.sample(bench::Memory::Skip),
+            usage: self.watched.sample(),
             pg: bench::pg_counters(&self.pool).await?,
             broker_messages: bench::broker_messages(&self.system.brokers, &self.system.topic_prefix()).await?,
             dwell,
@@ -191,12 +191,8 @@ impl Bench {
             let mut peak: BTreeMap<String, u64> = BTreeMap::new();
             let mut backlog: Vec<(f64, i64)> = Vec::new();
             let mut stop = stop_rx.clone();
-            let mut tick = 0u64;
             loop {
-                // Postgres's memory every ten seconds (and at once): reading it costs the system.
-                let memory = if tick % 10 == 0 { bench::Memory::Measure } else { bench::Memory::Skip };
-                tick += 1;
-                for (name, usage) in self.watched.sample(memory) {
+                for (name, usage) in self.watched.sample() {
                     let entry = peak.entry(name).or_default();
                     *entry = (*entry).max(usage.memory_bytes);
                 }
@@ -264,12 +260,18 @@ impl Bench {
         // start-requests topic and the orchestrator's intake.
         let mut start = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
         let mut statuses: BTreeMap<String, i64> = BTreeMap::new();
+        // Each saga's end-to-end latency by its scheduled moment's offset in the run.
+        let mut samples: Vec<(f64, u64)> = Vec::with_capacity(ends.len());
         for (id, status, created_at, ended_at) in &ends {
             *statuses.entry(status.clone()).or_default() += 1;
             let micros = |at: DateTime<Utc>| (at - scheduled[id]).num_microseconds().unwrap_or(i64::MAX).max(1) as u64;
             e2e.saturating_record(micros(*ended_at));
             start.saturating_record(micros(*created_at));
+            let offset = (scheduled[id] - started_wall).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            samples.push((offset, micros(*ended_at)));
         }
+        let e2e_by_second = bench::by_second(&samples)?;
+        let worst_seconds = bench::worst_seconds(&samples, e2e.value_at_quantile(0.99), 5);
         let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let hops: Vec<(String, String, f64, f64)> = sqlx::query_as(
             "SELECT step_name, kind,
@@ -326,6 +328,8 @@ impl Bench {
             "drained_in_s": drained.as_secs_f64(),
             "statuses": statuses,
             "e2e_ms": {"p50": ms(&e2e, 0.5), "p90": ms(&e2e, 0.9), "p99": ms(&e2e, 0.99), "p99_9": ms(&e2e, 0.999), "max": e2e.max() as f64 / 1000.0},
+            "e2e_by_second": e2e_by_second,
+            "e2e_worst_seconds": worst_seconds.iter().map(|(second, slow, max)| json!({"second": second, "above_p99": slow, "max_ms": max})).collect::<Vec<_>>(),
             "order_api_ms": {"p50": ms(&answer, 0.5), "p99": ms(&answer, 0.99)},
             "start_ms": {"p50": ms(&start, 0.5), "p99": ms(&start, 0.99)},
             "step_overhead_ms": {"p50": q_ms(&overhead, 0.5), "p99": q_ms(&overhead, 0.99), "observations": overhead.count()},
@@ -770,6 +774,15 @@ fn print_detail(run: &Value) {
         run["backlog_slope_per_s"].as_f64().unwrap_or(0.0)
     );
     println!("  end to end (ms) {}", run["e2e_ms"]);
+    let worst: Vec<String> = run["e2e_worst_seconds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| format!("{} s: {} (max {:.0} ms)", w["second"], w["above_p99"], w["max_ms"].as_f64().unwrap_or(0.0)))
+        .collect();
+    if !worst.is_empty() {
+        println!("  sagas above the p99 by the second of their order: {}", worst.join(", "));
+    }
     println!(
         "  order placed to saga started (ms) {}; of which the order API's answer {}",
         run["start_ms"], run["order_api_ms"]

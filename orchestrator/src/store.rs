@@ -944,6 +944,15 @@ mod plan_tests {
         .await
         .unwrap();
         conn.execute("ANALYZE saga_instances; ANALYZE saga_wakeups").await.unwrap();
+        // The plans below are made without statistics of the documents (migration 1008).
+        let analyzed: Vec<String> = sqlx::query_scalar(
+            "SELECT attname::text FROM pg_stats WHERE tablename = 'saga_instances' ORDER BY attname",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert!(analyzed.contains(&"status".to_owned()) && analyzed.contains(&"created_at".to_owned()), "{analyzed:?}");
+        assert!(!analyzed.contains(&"input".to_owned()) && !analyzed.contains(&"outputs".to_owned()), "{analyzed:?}");
 
         let now = Utc::now();
         let day = chrono::Duration::days(1);

@@ -110,10 +110,28 @@ pub(crate) const BATCH_FAILURES: &str = "saga_consumer_batch_failures_total";
 pub(crate) const PANICS: &str = "saga_consumer_panics_total";
 pub(crate) const REJOINS: &str = "saga_consumer_rejoins_total";
 pub(crate) const IN_GROUP: &str = "saga_consumer_in_group";
+pub(crate) const DELIVERY_SECONDS: &str = "saga_consumer_delivery_seconds";
+
+/// Milliseconds since the Unix epoch, the clock of Kafka's timestamps.
+fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// From a record's Kafka timestamp (its producer's hand-off, or the broker's append with
+/// `LogAppendTime`) to its consumer taking it up, in seconds; 0 when the clocks disagree.
+fn delivery_seconds(created_millis: i64, taken_up_millis: i64) -> f64 {
+    taken_up_millis.saturating_sub(created_millis).max(0) as f64 / 1000.0
+}
 
 pub(crate) fn describe_metrics() {
     describe_counter!(CONSUMED, "Messages consumed and applied, by topic");
     describe_histogram!(BATCH_SECONDS, metrics::Unit::Seconds, "Time to apply one batch of consumed messages");
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        metrics::Unit::Seconds,
+        "From a record's Kafka timestamp (its hand-off to the producer) to this consumer taking it up for a batch, by topic: \
+         the producer's linger, the broker, the fetch, and the wait behind the batch before it"
+    );
     describe_counter!(BATCH_FAILURES, "Batches whose transaction failed and was retried");
     // At zero from the start, so that `rate()` and alerts see the first failure.
     metrics::counter!(BATCH_FAILURES).increment(0);
@@ -252,9 +270,16 @@ async fn consume(
         idle_since = None;
         let chunk = fill(chunk, &mut stream, settings.batch_size, settings.batch_wait).await;
         let mut records = Vec::with_capacity(chunk.len());
+        let taken_up = now_millis();
         for message in chunk {
             match message {
-                Ok(message) => records.push(Record::from_message(&message)),
+                Ok(message) => {
+                    if let Some(created) = message.timestamp().to_millis() {
+                        let seconds = delivery_seconds(created, taken_up);
+                        histogram!(DELIVERY_SECONDS, "topic" => message.topic().to_owned()).record(seconds);
+                    }
+                    records.push(Record::from_message(&message))
+                }
                 Err(error) => tracing::warn!(%error, "consumer error"),
             }
         }
@@ -760,6 +785,14 @@ mod tests {
 
     fn record(topic: &str, partition: i32, offset: i64) -> Record {
         Record { topic: topic.into(), partition, offset, key: None, payload: None, headers: vec![] }
+    }
+
+    #[test]
+    fn a_delivery_lasts_from_the_records_timestamp_to_its_take_up_and_never_less_than_zero() {
+        assert_eq!(delivery_seconds(1_000, 1_250), 0.25);
+        // A producer whose clock runs ahead.
+        assert_eq!(delivery_seconds(2_000, 1_000), 0.0);
+        assert_eq!(delivery_seconds(i64::MIN, i64::MAX), i64::MAX as f64 / 1000.0);
     }
 
     /// A batch waits at most `wait` after its first message, and no longer once full.

@@ -30,6 +30,10 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
             metrics_exporter_prometheus::Matcher::Full(crate::outbox::DWELL_SECONDS.to_owned()),
             crate::outbox::DWELL_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(crate::consumer::DELIVERY_SECONDS.to_owned()),
+            crate::outbox::DWELL_BUCKETS,
+        )?
         .install()
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     crate::outbox::describe_metrics();

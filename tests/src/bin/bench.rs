@@ -107,11 +107,14 @@ struct Snapshot {
     broker_messages: i64,
     /// The outbox dwell histogram of each service.
     dwell: BTreeMap<&'static str, Buckets>,
+    /// The consumer delivery histogram of each service (every topic it consumes).
+    delivery: BTreeMap<&'static str, Buckets>,
     batch: Buckets,
 }
 
 const DWELL: &str = "saga_outbox_dwell_seconds";
 const BATCH: &str = "saga_consumer_batch_duration_seconds";
+const DELIVERY: &str = "saga_consumer_delivery_seconds";
 
 struct Bench {
     system: System,
@@ -124,10 +127,12 @@ struct Bench {
 impl Bench {
     async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let mut dwell = BTreeMap::new();
+        let mut delivery = BTreeMap::new();
         let mut batch = Buckets::default();
         for service in self.system.running() {
             let text = self.system.http.get(self.system.metrics_url(service)).send().await?.text().await?;
             dwell.insert(service, Buckets::parse(&text, DWELL));
+            delivery.insert(service, Buckets::parse(&text, DELIVERY));
             if service == "orchestrator" {
                 batch = Buckets::parse(&text, BATCH);
             }
@@ -139,6 +144,7 @@ impl Bench {
             pg: bench::pg_counters(&self.pool).await?,
             broker_messages: bench::broker_messages(&self.system.brokers, &self.system.topic_prefix()).await?,
             dwell,
+            delivery,
             batch,
         })
     }
@@ -309,6 +315,14 @@ impl Bench {
                 (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
             })
             .collect();
+        let delivery: BTreeMap<&str, Value> = after
+            .delivery
+            .iter()
+            .map(|(service, buckets)| {
+                let since = buckets.since(&before.delivery[service]);
+                (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
+            })
+            .collect();
         // Saturated: fewer sagas end than orders arrive, or the backlog grows through the second
         // half of the arrivals (its least-squares slope, beyond 2 % of the rate).
         let backlog_slope = bench::backlog_slope(&backlog_series, seconds);
@@ -335,6 +349,7 @@ impl Bench {
             "step_overhead_ms": {"p50": q_ms(&overhead, 0.5), "p99": q_ms(&overhead, 0.99), "observations": overhead.count()},
             "orchestrator_batch_ms": {"p50": q_ms(&batch, 0.5), "p99": q_ms(&batch, 0.99), "batches": batch.count()},
             "outbox_dwell_ms": outbox_dwell,
+            "delivery_ms": delivery,
             "round_trip_ms": hops.iter().map(|(step, kind, p50, p99)| json!({"step": step, "kind": kind, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
             "commits_per_saga": (after.pg.commits - before.pg.commits) as f64 / sagas,
             "wal_bytes_per_saga": (after.pg.wal_bytes - before.pg.wal_bytes) as f64 / sagas,
@@ -792,6 +807,7 @@ fn print_detail(run: &Value) {
         run["step_overhead_ms"], run["orchestrator_batch_ms"]
     );
     println!("  outbox dwell by service (ms) {}", run["outbox_dwell_ms"]);
+    println!("  delivery to each service's consumer (ms) {}", run["delivery_ms"]);
     for hop in run["round_trip_ms"].as_array().into_iter().flatten() {
         println!(
             "  round trip {:<22} {:<12} p50 {:>7.1} ms  p99 {:>7.1} ms",

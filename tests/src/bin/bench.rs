@@ -307,22 +307,18 @@ impl Bench {
                 (name.clone(), process)
             })
             .collect();
-        let outbox_dwell: BTreeMap<&str, Value> = after
-            .dwell
-            .iter()
-            .map(|(service, buckets)| {
-                let since = buckets.since(&before.dwell[service]);
-                (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
-            })
-            .collect();
-        let delivery: BTreeMap<&str, Value> = after
-            .delivery
-            .iter()
-            .map(|(service, buckets)| {
-                let since = buckets.since(&before.delivery[service]);
-                (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
-            })
-            .collect();
+        // Each service's p50 and p99 of one of its histograms between the two snapshots.
+        let by_service = |after: &BTreeMap<&'static str, Buckets>, before: &BTreeMap<&'static str, Buckets>| {
+            after
+                .iter()
+                .map(|(service, buckets)| {
+                    let since = buckets.since(&before[service]);
+                    (*service, json!({"p50_ms": q_ms(&since, 0.5), "p99_ms": q_ms(&since, 0.99)}))
+                })
+                .collect::<BTreeMap<&str, Value>>()
+        };
+        let outbox_dwell = by_service(&after.dwell, &before.dwell);
+        let delivery = by_service(&after.delivery, &before.delivery);
         // Saturated: fewer sagas end than orders arrive, or the backlog grows through the second
         // half of the arrivals (its least-squares slope, beyond 2 % of the rate).
         let backlog_slope = bench::backlog_slope(&backlog_series, seconds);

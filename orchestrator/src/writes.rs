@@ -546,6 +546,79 @@ mod tests {
         scratch::drop(&name).await;
     }
 
+    /// A batch that waited for a saga's lock (a replica's batch or the timer loop held it) reads
+    /// the saga and its pending attempts as the holder committed them: the attempts are read in
+    /// a statement after the lock's. One statement that locked and read the attempts (checked
+    /// on 2026-12-04, in a function: `FOR UPDATE OF s` with the attempts joined) returns the
+    /// saga's new version with the attempts of its own, older snapshot: here the answered
+    /// `reserve_inventory` still pending and `charge_payment` missing, and the batch would apply
+    /// a reply against an attempt that is no longer pending.
+    #[tokio::test]
+    async fn a_batch_that_waited_for_a_lock_reads_the_attempts_its_holder_committed() {
+        let (mut conn, name) = scratch::database("lockwait").await;
+        let id = Uuid::new_v4();
+        insert(&mut conn, &[id]).await;
+        let before: i64 = sqlx::query_scalar("SELECT version FROM saga_instances WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        // The holder answers reserve_inventory and starts charge_payment.
+        let mut holder = PgConnection::connect(&scratch::url(&name)).await.unwrap();
+        let mut held = holder.begin().await.unwrap();
+        for statement in [
+            "SELECT 1 FROM saga_instances WHERE id = $1 FOR UPDATE",
+            "UPDATE saga_step_attempts SET status = 'SUCCEEDED', finished_at = now()
+             WHERE saga_id = $1 AND step_name = 'reserve_inventory'",
+            "INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, status, started_at, deadline_at)
+             VALUES ($1, 2, 'charge_payment', 'ACTION', 1, 'PENDING', now(), now() + interval '30 seconds')",
+            "UPDATE saga_instances SET step_index = 2, step_name = 'charge_payment', version = version + 1 WHERE id = $1",
+        ] {
+            sqlx::query(statement).bind(id).execute(&mut *held).await.unwrap();
+        }
+        let url = scratch::url(&name);
+        let batch = tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let mut tx = conn.begin().await.unwrap();
+            let mut writer = Writes::batched(&mut tx, false);
+            writer.prefetch(&[id]).await.unwrap();
+            let read = writer.batch.take().unwrap();
+            drop(writer);
+            tx.rollback().await.unwrap();
+            let row = read.rows[&id].clone().unwrap();
+            let mut pending: Vec<(String, &str, i32)> =
+                read.attempts.keys().map(|(_, step, kind, attempt)| (step.clone(), *kind, *attempt)).collect();
+            pending.sort();
+            (row.version, row.step_name, pending)
+        });
+        // The batch waits for the lock, then the holder commits.
+        let mut waited = 0;
+        while sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&name)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+            == 0
+        {
+            waited += 1;
+            assert!(waited < 500, "the batch never waited for the lock");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        held.commit().await.unwrap();
+        let (version, step, pending) = batch.await.unwrap();
+        assert_eq!((version, step.as_str()), (before + 1, "charge_payment"), "the saga as the holder committed it");
+        assert_eq!(
+            pending,
+            [("charge_payment".to_owned(), "ACTION", 1)],
+            "its pending attempts as the holder committed them"
+        );
+        drop(holder);
+        drop(conn);
+        scratch::drop(&name).await;
+    }
+
     /// A batch writes every table in its two statements, and an attempt started and finished in
     /// the same batch ends finished (the finish cannot ride with the insert: CTEs share a
     /// snapshot, so a sibling UPDATE does not see the row being inserted).

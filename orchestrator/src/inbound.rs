@@ -218,11 +218,8 @@ mod tests {
 
     /// An inbound handler on a scratch database named after `test`.
     async fn inbound(test: &str) -> (Inbound, PgPool, String) {
-        let (_, name) = scratch::database(test).await;
+        let (_, name) = scratch::database_with_outbox(test).await;
         let pool = PgPool::connect(&scratch::url(&name)).await.unwrap();
-        let mut outbox = saga_runtime::db::outbox_migrations();
-        outbox.set_ignore_missing(true);
-        outbox.run(&pool).await.unwrap();
         let registry = Arc::new(Registry::embedded().unwrap());
         let types: Vec<String> = registry.all().map(|d| d.name.to_string()).collect();
         let inbound = Inbound {

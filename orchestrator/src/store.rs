@@ -898,6 +898,15 @@ pub(crate) mod scratch {
         (conn, name)
     }
 
+    /// [`database`] with the outbox's tables too, as a service's own database has them.
+    pub(crate) async fn database_with_outbox(purpose: &str) -> (PgConnection, String) {
+        let (mut conn, name) = database(purpose).await;
+        let mut outbox = saga_runtime::db::outbox_migrations();
+        outbox.set_ignore_missing(true);
+        outbox.run(&mut conn).await.unwrap();
+        (conn, name)
+    }
+
     pub(crate) fn url(name: &str) -> String {
         let (base, query) = base();
         format!("{base}/{name}{query}")

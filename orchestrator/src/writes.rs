@@ -492,8 +492,9 @@ mod tests {
 
     /// A batch as the consumer runs one: the sagas `ids` (waiting at their second step, as
     /// `insert` leaves them) answered and sent on to their third, the first also answered there.
-    /// Returns what the batch read, and how many rows of `saga_instances` it read to do it.
-    async fn second_step(conn: &mut PgConnection, ids: &[Uuid]) -> (Batch, i64) {
+    /// Returns what the batch read: its sagas, their pending attempts, and the rows of
+    /// `saga_instances` it read to do it.
+    async fn second_step(conn: &mut PgConnection, ids: &[Uuid]) -> Read {
         let now = Utc::now();
         let step = |name: &str| saga_defs::StepName::parse(name).unwrap();
         let succeeded = |step_index: usize, name: &str| FinishedAttempt {
@@ -526,11 +527,8 @@ mod tests {
         let before = rows_read(&mut tx, "saga_instances").await;
         let mut writer = Writes::batched(&mut tx, false);
         writer.prefetch(ids).await.unwrap();
-        let read = Batch {
-            rows: writer.batch.as_ref().unwrap().rows.clone(),
-            attempts: writer.batch.as_ref().unwrap().attempts.clone(),
-            ..Batch::default()
-        };
+        let batch = writer.batch.as_ref().unwrap();
+        let (sagas, pending) = (batch.rows.values().flatten().count(), batch.attempts.len());
         for (i, id) in ids.iter().enumerate() {
             let row = writer.lock(*id).await.unwrap().unwrap();
             let started = writer.finish_attempt(*id, &succeeded(1, "reserve_inventory"), now).await.unwrap();
@@ -558,7 +556,14 @@ mod tests {
         assert!(writer.flush().await.unwrap().is_none());
         let rows = rows_read(&mut tx, "saga_instances").await - before;
         tx.commit().await.unwrap();
-        (read, rows)
+        Read { sagas, pending, rows }
+    }
+
+    /// What [`second_step`]'s batch read.
+    struct Read {
+        sagas: usize,
+        pending: usize,
+        rows: i64,
     }
 
     /// Rows of `table` this backend read since its statistics were last reported (at most once
@@ -576,14 +581,6 @@ mod tests {
         .unwrap()
     }
 
-    async fn with_outbox(test: &str) -> (PgConnection, String) {
-        let (mut conn, name) = scratch::database(test).await;
-        let mut outbox_migrations = saga_runtime::db::outbox_migrations();
-        outbox_migrations.set_ignore_missing(true);
-        outbox_migrations.run(&mut conn).await.unwrap();
-        (conn, name)
-    }
-
     /// A fresh deployment's first batches meet nearly empty tables. A plan Postgres caches for a
     /// prepared statement then (a scan of the whole table, or of a whole index, the cheapest on a
     /// page or two) would stay until the tables' first ANALYZE, about a minute of full load later,
@@ -594,7 +591,7 @@ mod tests {
     /// last batch reads 60,000 rows of `saga_instances` to touch 25: checked on 2026-12-04.)
     #[tokio::test]
     async fn a_batch_reads_and_writes_by_key_on_tables_that_grew_since_its_first_calls() {
-        let (mut conn, name) = with_outbox("replan").await;
+        let (mut conn, name) = scratch::database_with_outbox("replan").await;
         // No ANALYZE behind the test's back.
         conn.execute(
             "ALTER TABLE saga_instances SET (autovacuum_enabled = false);
@@ -612,9 +609,9 @@ mod tests {
         let later: Vec<Uuid> = (0..30_000).map(|_| Uuid::new_v4()).collect();
         insert(&mut conn, &later).await;
         let ids = &later[29_000..29_025];
-        let (read, rows) = second_step(&mut conn, ids).await;
-        assert_eq!(read.rows.values().flatten().count(), 25, "the batch's sagas were read");
-        assert_eq!(read.attempts.len(), 25, "their pending attempts were read");
+        let Read { sagas, pending, rows } = second_step(&mut conn, ids).await;
+        assert_eq!(sagas, 25, "the batch's sagas were read");
+        assert_eq!(pending, 25, "their pending attempts were read");
         // 25 sagas locked and updated, and the attempts' and history's foreign keys checked. (The
         // attempts are read by `saga_id`, the first of four key columns: with no statistics yet,
         // the planner's choice between that index and a scan is a coin toss, costs within 0.3 %
@@ -707,7 +704,7 @@ mod tests {
     /// snapshot, so a sibling UPDATE does not see the row being inserted).
     #[tokio::test]
     async fn a_batch_flushes_every_table_and_finishes_an_attempt_it_started() {
-        let (mut conn, name) = with_outbox("flush").await;
+        let (mut conn, name) = scratch::database_with_outbox("flush").await;
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         insert(&mut conn, &ids).await;
         second_step(&mut conn, &ids).await;

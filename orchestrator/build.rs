@@ -15,6 +15,9 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let dist = out.join("ui");
+    // sqlx::migrate! embeds the migrations at compile time but cannot tell cargo that a new file
+    // appeared in the directory: without this, an incremental build misses a migration just added.
+    println!("cargo:rerun-if-changed={}", manifest.join("../migrations/orchestrator").display());
     println!("cargo:rerun-if-env-changed=SAGA_UI_DIST");
     if let Ok(built) = env::var("SAGA_UI_DIST") {
         let built = PathBuf::from(built);

@@ -10,6 +10,6 @@ UPDATE saga_instances SET updated_at = now(), version = version + 1 WHERE id = :
 UPDATE saga_step_attempts SET finished_at = now() WHERE saga_id = :id::uuid AND step_name = 'verify_order' AND kind = 'ACTION' AND attempt = 1;
 INSERT INTO saga_history (saga_id, version, from_status, to_status, trigger, summary, detail, recorded_at)
 VALUES (:id::uuid, (SELECT version FROM saga_instances WHERE id = :id::uuid), 'RUNNING', 'RUNNING', 'REPLY', 'pgbench step', '{}', now());
-INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers)
-VALUES ('pgbench', :id, 'command', '{"pgbench": true}', NULL, '[]');
+INSERT INTO outbox (topic, message_key, message_type, raw_payload, headers)
+VALUES ('pgbench', :id, 'command', convert_to('{"pgbench": true}', 'UTF8'), '[]');
 COMMIT;

@@ -35,11 +35,24 @@ pub struct OutboxMessage {
 /// What an outbox message carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
-    /// One of our message contracts.
-    Json(serde_json::Value),
+    /// One of our message contracts, serialised once when the message is made: the outbox row
+    /// stores these bytes (`raw_payload`) and the broker gets the same bytes, so Postgres never
+    /// parses them into `jsonb` and a row swept after a crash publishes what a hand-off would
+    /// have (docs/performance.md, 2026-12-04 fourth session).
+    Json(Vec<u8>),
     /// Bytes published exactly as they are (a dead letter's original, which may not be JSON),
     /// or no payload at all.
     Raw(Option<Vec<u8>>),
+}
+
+impl Payload {
+    /// What is published and stored: the serialised contract, the raw bytes, or nothing.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Payload::Json(bytes) => Some(bytes),
+            Payload::Raw(bytes) => bytes.as_deref(),
+        }
+    }
 }
 
 impl OutboxMessage {
@@ -48,7 +61,7 @@ impl OutboxMessage {
             topic,
             key: key.to_string(),
             message_type: Some(message_type),
-            payload: Payload::Json(serde_json::to_value(payload).expect("message contracts serialise to JSON")),
+            payload: Payload::Json(serde_json::to_vec(payload).expect("message contracts serialise to JSON")),
             headers: Vec::new(),
         }
     }
@@ -217,25 +230,12 @@ pub fn insert_part(
     let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key.as_str()).collect();
     let types: Vec<Option<&str>> = messages.iter().map(|m| m.message_type).collect();
-    let payloads: Vec<Option<&serde_json::Value>> = messages
-        .iter()
-        .map(|m| match &m.payload {
-            Payload::Json(value) => Some(value),
-            Payload::Raw(_) => None,
-        })
-        .collect();
-    let raws: Vec<Option<&[u8]>> = messages
-        .iter()
-        .map(|m| match &m.payload {
-            Payload::Raw(bytes) => bytes.as_deref(),
-            Payload::Json(_) => None,
-        })
-        .collect();
+    let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.bytes()).collect();
     let headers: Vec<sqlx::types::Json<&[(String, String)]>> =
         messages.iter().map(|m| sqlx::types::Json(m.headers.as_slice())).collect();
     Ok(format!(
-        "INSERT INTO outbox (topic, message_key, message_type, payload, raw_payload, headers, handed_off)
-         SELECT u.*, {} FROM UNNEST({}::text[], {}::text[], {}::text[], {}::jsonb[], {}::bytea[], {}::jsonb[]) AS u
+        "INSERT INTO outbox (topic, message_key, message_type, raw_payload, headers, handed_off)
+         SELECT u.*, {} FROM UNNEST({}::text[], {}::text[], {}::text[], {}::bytea[], {}::jsonb[]) AS u
          {}
          RETURNING id",
         params.add(handed_off)?,
@@ -243,7 +243,6 @@ pub fn insert_part(
         params.add(keys)?,
         params.add(types)?,
         params.add(payloads)?,
-        params.add(raws)?,
         params.add(headers)?,
         only_if.map(|condition| format!("WHERE {condition}")).unwrap_or_default(),
     ))
@@ -337,6 +336,14 @@ struct Row {
     dwell: f64,
 }
 
+impl Row {
+    /// The bytes to publish: a contract's as serialised when the message was made, or a row's
+    /// `jsonb` payload as text (rows written before contracts were stored as bytes).
+    fn payload(&self) -> Option<&[u8]> {
+        self.raw_payload.as_deref().or(self.payload.as_deref().map(str::as_bytes))
+    }
+}
+
 /// The Kafka record of an outbox message: its key, the `message-type` and `schema-version`
 /// headers when it has a type, its extra headers in order, and its payload.
 fn record<'a>(
@@ -369,6 +376,12 @@ fn record<'a>(
 /// every page of it once thousands of dead rows had piled up, 574-800 pages for a batch of ten.
 const DELETE_PUBLISHED: &str = "DELETE FROM outbox WHERE id = ANY($1)";
 
+/// The rows the relay's sweep publishes.
+const SWEEP: &str = "SELECT id, topic, message_key, message_type, payload::text AS payload, raw_payload, headers,
+        EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS dwell
+    FROM outbox WHERE NOT handed_off OR created_at < clock_timestamp() - $2 * interval '1 millisecond'
+    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
 /// Publishes one batch. Returns how many messages were published.
 pub async fn publish_batch(
     pool: &PgPool,
@@ -379,16 +392,8 @@ pub async fn publish_batch(
     let mut tx = pool.begin().await?;
     // Handed-off rows are being published by whoever committed them; only those a crash or a
     // failed publish left behind (older than the grace period) are swept.
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT id, topic, message_key, message_type, payload::text AS payload, raw_payload, headers,
-                EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS dwell
-         FROM outbox WHERE NOT handed_off OR created_at < clock_timestamp() - $2 * interval '1 millisecond'
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(batch_size)
-    .bind(grace.as_millis() as f64)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows: Vec<Row> =
+        sqlx::query_as(SWEEP).bind(batch_size).bind(grace.as_millis() as f64).fetch_all(&mut *tx).await?;
     if rows.is_empty() {
         return Ok(0);
     }
@@ -400,9 +405,14 @@ pub async fn publish_batch(
         dwell.record(row.dwell);
     }
     let sends = rows.iter().map(|row| {
-        let payload: Option<&[u8]> = row.raw_payload.as_deref().or(row.payload.as_deref().map(str::as_bytes));
-        let record =
-            record(&row.topic, &row.message_key, row.message_type.as_deref(), &row.headers, payload, &schema_version);
+        let record = record(
+            &row.topic,
+            &row.message_key,
+            row.message_type.as_deref(),
+            &row.headers,
+            row.payload(),
+            &schema_version,
+        );
         producer.send(record, Duration::from_secs(30))
     });
     for result in futures::future::join_all(sends).await {
@@ -546,25 +556,15 @@ async fn publish_handed_off(
         let seconds = batch.started.elapsed().as_secs_f64();
         for (id, message) in &batch.rows {
             dwell.record(seconds);
-            let payload = match &message.payload {
-                Payload::Json(value) => Some(serde_json::to_vec(value).unwrap_or_default()),
-                Payload::Raw(bytes) => bytes.clone(),
-            };
-            encoded.push((*id, message, payload));
+            encoded.push((*id, message, message.payload.bytes()));
         }
     }
     let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
     crate::faults::crash_point!("outbox.before_publish");
     let mut deliveries = Vec::with_capacity(encoded.len());
     for (_, message, payload) in &encoded {
-        let record = record(
-            &message.topic,
-            &message.key,
-            message.message_type,
-            &message.headers,
-            payload.as_deref(),
-            &schema_version,
-        );
+        let record =
+            record(&message.topic, &message.key, message.message_type, &message.headers, *payload, &schema_version);
         match producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((error, _)) => {
@@ -710,6 +710,50 @@ mod tests {
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&mut conn).await.unwrap();
         assert_eq!(rows, 9);
         drop(listener);
+        conn.close().await.unwrap();
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+
+    /// A contract is stored as the bytes it was serialised to when the message was made, which
+    /// are what a hand-off publishes, so that a row swept after a crash publishes the same bytes
+    /// and Postgres parses no `jsonb`; a row of an older version (a `jsonb` payload) still
+    /// publishes its payload, and a raw message its bytes or nothing.
+    #[tokio::test]
+    async fn the_sweep_publishes_the_bytes_a_hand_off_would() {
+        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
+        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+
+        let contract = OutboxMessage::new("t".into(), 1, "m", &serde_json::json!({"b": [1, 2.5], "a": "é\u{0}"}));
+        let raw = OutboxMessage { payload: Payload::Raw(Some(vec![0xff, b'{'])), ..message(2) };
+        let empty = OutboxMessage { payload: Payload::Raw(None), ..message(3) };
+        let messages = vec![contract, raw, empty];
+        insert(&mut conn, &messages).await.unwrap();
+        conn.execute(
+            "INSERT INTO outbox (topic, message_key, message_type, payload) VALUES ('t', '4', 'm', '{\"old\": true}')",
+        )
+        .await
+        .unwrap();
+        let parsed: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE payload IS NOT NULL")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(parsed, 1, "only the older row holds jsonb");
+
+        let mut tx = conn.begin().await.unwrap();
+        let rows: Vec<Row> = sqlx::query_as(SWEEP).bind(10_i64).bind(0.0).fetch_all(&mut *tx).await.unwrap();
+        let swept: Vec<Option<&[u8]>> = rows.iter().map(Row::payload).collect();
+        let handed: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.bytes()).collect();
+        assert_eq!(swept[..3], handed[..], "a swept row publishes what a hand-off does");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(handed[0].unwrap()).unwrap(),
+            serde_json::json!({"a": "é\u{0}", "b": [1, 2.5]}),
+            "the contract's bytes are its JSON"
+        );
+        assert_eq!(swept[3], Some(br#"{"old": true}"#.as_slice()), "an older row's jsonb as text");
+        tx.rollback().await.unwrap();
         conn.close().await.unwrap();
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
     }

@@ -702,7 +702,10 @@ mod tests {
         let stored: Vec<uuid::Uuid> =
             sqlx::query_scalar("SELECT saga_id FROM processed_commands").fetch_all(&pool).await.unwrap();
         let replies: Vec<serde_json::Value> =
-            sqlx::query_scalar("SELECT payload FROM outbox ORDER BY id").fetch_all(&pool).await.unwrap();
+            sqlx::query_scalar("SELECT convert_from(raw_payload, 'UTF8')::jsonb FROM outbox ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
         assert_eq!(replies.len(), answers.len());
         for ((answer, saga), reply) in answers.iter().zip(&sagas).zip(&replies) {
             let expected = if *answer == "done" { 2 } else { 0 };
@@ -718,12 +721,13 @@ mod tests {
         handler.handle(&records).await.unwrap();
         let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM written").fetch_one(&pool).await.unwrap();
         assert_eq!(rows, 2 * 4);
-        let replayed: Vec<bool> =
-            sqlx::query_scalar("SELECT (payload->>'replayed')::bool FROM outbox ORDER BY id OFFSET $1")
-                .bind(answers.len() as i64)
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let replayed: Vec<bool> = sqlx::query_scalar(
+            "SELECT (convert_from(raw_payload, 'UTF8')::jsonb->>'replayed')::bool FROM outbox ORDER BY id OFFSET $1",
+        )
+        .bind(answers.len() as i64)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         assert_eq!(replayed, answers.iter().map(|a| *a != "transient").collect::<Vec<_>>());
         pool.close().await;
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
@@ -770,7 +774,7 @@ mod tests {
         assert_eq!(written, 2 * 4);
         let replies: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT payload->>'saga_id', payload->'outcome'->>'status', payload->'outcome'->'error'->>'code'
-             FROM outbox ORDER BY id",
+             FROM (SELECT id, convert_from(raw_payload, 'UTF8')::jsonb AS payload FROM outbox) o ORDER BY id",
         )
         .fetch_all(&pool)
         .await

@@ -674,6 +674,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.expect("a notification").unwrap()
     }
 
+    /// A fresh database with the outbox's tables: the admin connection, its name (drop it at the
+    /// end) and a connection to it.
+    async fn scratch() -> (PgConnection, String, PgConnection) {
+        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
+        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
+        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
+        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+        (admin, name, conn)
+    }
+
     fn message(n: usize) -> OutboxMessage {
         OutboxMessage::new("t".into(), n, "m", &serde_json::json!({ "n": n }))
     }
@@ -683,11 +694,7 @@ mod tests {
     /// the handed-off rows' commit is the first thing heard if they sent nothing.
     #[tokio::test]
     async fn only_rows_not_handed_off_wake_the_relay() {
-        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
-        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
-        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
-        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+        let (mut admin, name, mut conn) = scratch().await;
         let mut listener = PgListener::connect(&url(&name)).await.unwrap();
         listener.listen("outbox").await.unwrap();
 
@@ -720,11 +727,7 @@ mod tests {
     /// publishes its payload, and a raw message its bytes or nothing.
     #[tokio::test]
     async fn the_sweep_publishes_the_bytes_a_hand_off_would() {
-        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
-        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
-        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
-        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+        let (mut admin, name, mut conn) = scratch().await;
 
         let contract = OutboxMessage::new("t".into(), 1, "m", &serde_json::json!({"b": [1, 2.5], "a": "é\u{0}"}));
         let raw = OutboxMessage { payload: Payload::Raw(Some(vec![0xff, b'{'])), ..message(2) };
@@ -763,11 +766,7 @@ mod tests {
     /// order of the messages.
     #[tokio::test]
     async fn a_part_of_a_callers_statement_inserts_only_when_its_condition_holds() {
-        let name = format!("sagatest_outbox_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let mut admin = PgConnection::connect(&url("postgres")).await.expect("Postgres is running");
-        admin.execute(format!("CREATE DATABASE \"{name}\"").as_str()).await.unwrap();
-        let mut conn = PgConnection::connect(&url(&name)).await.unwrap();
-        crate::db::outbox_migrations().run(&mut conn).await.unwrap();
+        let (mut admin, name, mut conn) = scratch().await;
         conn.execute("CREATE TABLE things (key text PRIMARY KEY)").await.unwrap();
         let (handoff, mut relay) = Handoff::channel();
 

@@ -63,3 +63,62 @@ async fn every_service_creates_and_migrates_its_database_with_migrate_whatever_d
         drop_database(&name).await;
     }
 }
+
+/// A migration, once committed, never changes: a database that applied it refuses to start
+/// ("migration 1009 was previously applied but has been modified"), which is what a comment
+/// edited in 1009 did to the demo's database and to CI (2026-12-04). Every file is held to the
+/// checksum sqlx records for it, listed in migrations/checksums.sha384.
+#[tokio::test]
+async fn no_committed_migration_changes_and_every_one_is_listed() {
+    let root = saga_e2e::workspace_root().join("migrations");
+    let listed: std::collections::BTreeMap<String, String> = std::fs::read_to_string(root.join("checksums.sha384"))
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (file, sum) = line.split_once(' ').unwrap_or_else(|| panic!("not `<file> <sha384>`: {line:?}"));
+            (file.to_string(), sum.trim().to_string())
+        })
+        .collect();
+    let mut found = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for set in std::fs::read_dir(&root).unwrap() {
+        let set = set.unwrap();
+        if !set.file_type().unwrap().is_dir() {
+            continue;
+        }
+        let name = set.file_name().to_string_lossy().into_owned();
+        // As the services resolve them: the same parsing and the same checksum as sqlx::migrate!.
+        let migrator = sqlx::migrate::Migrator::new(set.path()).await.unwrap();
+        let files: Vec<String> = std::fs::read_dir(set.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".sql"))
+            .collect();
+        for migration in migrator.iter() {
+            let prefix = format!("{}_", migration.version);
+            let file = files
+                .iter()
+                .find(|f| f.starts_with(&prefix) || f.starts_with(&format!("{:04}_", migration.version)))
+                .unwrap_or_else(|| panic!("{name}: no file for migration {}", migration.version));
+            let key = format!("{name}/{file}");
+            let sum: String = migration.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            match listed.get(&key) {
+                None => {
+                    problems.push(format!("{key} is not listed; append to migrations/checksums.sha384:\n{key} {sum}"))
+                }
+                Some(expected) if *expected != sum => problems.push(format!(
+                    "{key} changed after it was committed (databases that applied it would refuse to start): \
+                     restore it and put the change in a new migration"
+                )),
+                Some(_) => {}
+            }
+            found.insert(key);
+        }
+    }
+    for key in listed.keys().filter(|k| !found.contains(*k)) {
+        problems.push(format!("{key} is listed but gone: a database that applied it refuses the set without it"));
+    }
+    assert!(found.len() >= 20, "only {} migrations found under {}", found.len(), root.display());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

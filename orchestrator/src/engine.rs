@@ -36,6 +36,7 @@ pub(crate) struct Effects(Vec<Effect>);
 enum Effect {
     Created {
         saga_type: String,
+        saga_id: Uuid,
     },
     Ended {
         saga_type: String,
@@ -71,10 +72,10 @@ impl Effects {
         self.0.push(Effect::StartRefused { reason });
     }
 
-    /// The saga types of the sagas this transaction created, one entry per saga.
-    pub(crate) fn created(&self) -> impl Iterator<Item = &str> {
+    /// The sagas this transaction created: their types and ids.
+    pub(crate) fn created(&self) -> impl Iterator<Item = (&str, Uuid)> {
         self.0.iter().filter_map(|e| match e {
-            Effect::Created { saga_type } => Some(saga_type.as_str()),
+            Effect::Created { saga_type, saga_id } => Some((saga_type.as_str(), *saga_id)),
             _ => None,
         })
     }
@@ -86,7 +87,7 @@ impl Effects {
     pub(crate) fn record(self) {
         for effect in self.0 {
             match effect {
-                Effect::Created { saga_type } => counter!(m::SAGA_CREATED, "saga_type" => saga_type).increment(1),
+                Effect::Created { saga_type, .. } => counter!(m::SAGA_CREATED, "saga_type" => saga_type).increment(1),
                 Effect::Ended { saga_type, status, seconds } => {
                     let name = match status {
                         SagaStatus::Completed => m::SAGA_COMPLETED,
@@ -387,7 +388,7 @@ impl Engine {
             now: clock.now,
         })
         .await?;
-        effects.0.push(Effect::Created { saga_type: definition.name.to_string() });
+        effects.0.push(Effect::Created { saga_type: definition.name.to_string(), saga_id: id });
         tracing::info!(saga_id = %id, saga_type = %definition.name, "saga started");
         Ok(Started::Created(id))
     }

@@ -171,12 +171,11 @@ impl BatchHandler for Inbound {
         let messages: Vec<_> = dead.iter().map(|(m, _)| m.clone()).collect();
         writes.outbox(messages).await?;
         let handed = writes.flush().await?;
+        let starting = self.admission.starting(effects.created());
         tx.commit().await?;
+        starting.committed();
         if let (Some(handoff), Some(handed)) = (&self.handoff, handed) {
             handoff.send(handed.since(started));
-        }
-        for saga_type in effects.created() {
-            self.admission.started(saga_type);
         }
         effects.record();
         for (message, label) in dead {

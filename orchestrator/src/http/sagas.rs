@@ -116,10 +116,9 @@ pub(crate) async fn start(
             StartError::KeyReused { .. } => ApiError::IdempotencyKeyReused(error.to_string()),
             other => ApiError::BadRequest(other.to_string()),
         })?;
+    let starting = state.admission.starting(effects.created());
     tx.commit().await?;
-    for saga_type in effects.created() {
-        state.admission.started(saga_type);
-    }
+    starting.committed();
     effects.record();
     let (status, id) = match started {
         Started::Created(id) => (StatusCode::CREATED, id),

@@ -84,9 +84,8 @@ struct Counts {
     starting: HashMap<Uuid, (String, Instant)>,
 }
 
-/// A registered start not seen by a read after this long is dropped: its transaction did not
-/// commit (a task cancelled between its registration and its commit), or the read saw it in a
-/// count already.
+/// A registered start not seen by a read after this long is dropped: its transaction never
+/// committed and its guard was not dropped either (a task that hangs between the two).
 const STARTING_AT_MOST: Duration = Duration::from_secs(60);
 
 impl Counts {
@@ -188,21 +187,16 @@ impl Admission {
         };
         tx.commit().await?;
         let mut counts = self.lock();
+        let Counts { in_flight, starting } = &mut *counts;
         for id in &seen {
-            counts.starting.remove(id);
+            starting.remove(id);
         }
-        counts.starting.retain(|_, (_, since)| since.elapsed() < STARTING_AT_MOST);
-        for count in counts.in_flight.values_mut() {
-            *count = 0;
+        starting.retain(|_, (_, since)| since.elapsed() < STARTING_AT_MOST);
+        in_flight.values_mut().for_each(|count| *count = 0);
+        for (saga_type, n) in rows.into_iter().chain(starting.values().map(|(t, _)| (t.clone(), 1))) {
+            *in_flight.entry(saga_type).or_default() += n;
         }
-        for (saga_type, n) in rows {
-            counts.add(&saga_type, n);
-        }
-        let starting: Vec<String> = counts.starting.values().map(|(t, _)| t.clone()).collect();
-        for saga_type in starting {
-            counts.add(&saga_type, 1);
-        }
-        for (saga_type, n) in counts.in_flight.iter() {
+        for (saga_type, n) in in_flight.iter() {
             let limit = self.limits.of(saga_type);
             gauge!(m::IN_FLIGHT_LIMIT, "saga_type" => saga_type.clone()).set(limit as f64);
             gauge!(m::START_INTAKE_PAUSED, "saga_type" => saga_type.clone()).set(if *n >= limit { 1.0 } else { 0.0 });

@@ -90,16 +90,16 @@ async fn no_committed_migration_changes_and_every_one_is_listed() {
         let name = set.file_name().to_string_lossy().into_owned();
         // As the services resolve them: the same parsing and the same checksum as sqlx::migrate!.
         let migrator = sqlx::migrate::Migrator::new(set.path()).await.unwrap();
-        let files: Vec<String> = std::fs::read_dir(set.path())
+        // Each file by the version its name starts with, as sqlx reads it (`0101_x.sql` is 101).
+        let files: std::collections::HashMap<i64, String> = std::fs::read_dir(set.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|f| f.ends_with(".sql"))
+            .filter_map(|f| Some((f.split_once('_')?.0.parse().ok()?, f)))
             .collect();
         for migration in migrator.iter() {
-            let prefix = format!("{}_", migration.version);
             let file = files
-                .iter()
-                .find(|f| f.starts_with(&prefix) || f.starts_with(&format!("{:04}_", migration.version)))
+                .get(&migration.version)
                 .unwrap_or_else(|| panic!("{name}: no file for migration {}", migration.version));
             let key = format!("{name}/{file}");
             let sum: String = migration.checksum.iter().map(|b| format!("{b:02x}")).collect();

@@ -22,6 +22,11 @@ pub(crate) struct Config {
     /// Kafka consumer group of the orchestrator replicas.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "saga-orchestrator-group", global = true)]
     pub(crate) kafka_group_id: String,
+    /// How long a process's registration lives without renewal before another process adopts
+    /// the commands it held in memory (milliseconds; ADR 28). Below the steps' timeouts, so that
+    /// a crashed process's commands are sent again before their deadline.
+    #[arg(long, env = "HANDOFF_LEASE_MS", default_value = "3000", value_parser = parse_lease, global = true)]
+    pub(crate) handoff_lease: Duration,
     /// How often the timer loop looks for sagas whose deadline or backoff has passed (milliseconds).
     #[arg(long, env = "TIMER_INTERVAL_MS", default_value = "100", value_parser = parse_millis, global = true)]
     pub(crate) timer_interval: Duration,
@@ -93,4 +98,13 @@ pub(crate) enum Command {
     CreateTopics,
     /// Print the loaded saga definitions as JSON and exit.
     Definitions,
+}
+
+/// A lease of 300 ms to 10 minutes: renewed every third of it, so shorter would renew too often.
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_millis(text)?;
+    if !(Duration::from_millis(300)..=Duration::from_secs(600)).contains(&lease) {
+        return Err(format!("{text} ms is not between 300 ms and 10 minutes"));
+    }
+    Ok(lease)
 }

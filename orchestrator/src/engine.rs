@@ -279,8 +279,11 @@ pub(crate) struct Engine {
     topic_prefix: String,
 }
 
+/// Now to the microsecond, as Postgres keeps it: a deadline sent in a command is the one stored
+/// in its attempt, and a command made again from the attempt (ADR 28) carries the same.
 fn clock() -> Clock {
-    Clock { now: Utc::now(), random: rand::random::<f64>() }
+    use chrono::SubsecRound;
+    Clock { now: Utc::now().trunc_subsecs(6), random: rand::random::<f64>() }
 }
 
 /// SHA-256 of the request's canonical JSON (object keys sorted), to detect a reused key.
@@ -754,43 +757,93 @@ impl Engine {
         let mut messages = Vec::with_capacity(transition.commands.len());
         for command in &transition.commands {
             w.insert_attempt(id, command, now).await?;
-            let envelope = CommandEnvelope {
-                schema_version: SCHEMA_VERSION,
-                message_id: Uuid::now_v7(),
-                saga_id: SagaId::from(id),
-                saga_type: definition.name.clone(),
-                step: command.step.clone(),
-                kind: command.kind,
-                action: command.action.clone(),
-                attempt: command.attempt,
-                reply_to: self.topic(REPLIES_TOPIC),
-                input: input.clone(),
-                outputs: outputs.clone(),
-                failure: transition.next.failure.clone(),
-                deadline: command.deadline,
-            };
-            let mut message = OutboxMessage::new(
-                self.topic(&commands_topic(&command.participant)),
-                id,
-                MESSAGE_TYPE_COMMAND,
-                &envelope,
-            );
-            // A span per command (without an export, its id is the command's message id).
-            let fallback = trace.parent.child_of_message(envelope.message_id);
-            let sent =
-                saga_runtime::trace::span(Some(&trace.parent), SpanKind::Producer, SystemTime::now(), fallback, || {
-                    let name = format!("send {} {}", command.kind.as_str().to_lowercase(), command.action);
-                    let attributes = vec![
-                        KeyValue::new("saga.id", id.to_string()),
-                        KeyValue::new("saga.step", command.step.to_string()),
-                        KeyValue::new("saga.attempt", i64::from(command.attempt)),
-                    ];
-                    (name.into(), attributes)
-                });
-            message.headers = trace.headers(sent);
-            messages.push(message);
+            let failure = transition.next.failure.clone();
+            messages.push(self.command_message(id, definition, input, outputs, failure, command, trace));
         }
         w.outbox(messages).await
+    }
+
+    /// The message of a command: its envelope (a fresh message id), to the participant's topic,
+    /// with a span of its own in the saga's trace.
+    #[allow(clippy::too_many_arguments)]
+    fn command_message(
+        &self,
+        id: Uuid,
+        definition: &SagaDefinition,
+        input: &Value,
+        outputs: &Value,
+        failure: Option<saga_defs::messages::FailureInfo>,
+        command: &saga_defs::machine::StepCommand,
+        trace: &Context,
+    ) -> OutboxMessage {
+        let envelope = CommandEnvelope {
+            schema_version: SCHEMA_VERSION,
+            message_id: Uuid::now_v7(),
+            saga_id: SagaId::from(id),
+            saga_type: definition.name.clone(),
+            step: command.step.clone(),
+            kind: command.kind,
+            action: command.action.clone(),
+            attempt: command.attempt,
+            reply_to: self.topic(REPLIES_TOPIC),
+            input: input.clone(),
+            outputs: outputs.clone(),
+            failure,
+            deadline: command.deadline,
+        };
+        let mut message =
+            OutboxMessage::new(self.topic(&commands_topic(&command.participant)), id, MESSAGE_TYPE_COMMAND, &envelope);
+        // A span per command (without an export, its id is the command's message id).
+        let fallback = trace.parent.child_of_message(envelope.message_id);
+        let sent =
+            saga_runtime::trace::span(Some(&trace.parent), SpanKind::Producer, SystemTime::now(), fallback, || {
+                let name = format!("send {} {}", command.kind.as_str().to_lowercase(), command.action);
+                let attributes = vec![
+                    KeyValue::new("saga.id", id.to_string()),
+                    KeyValue::new("saga.step", command.step.to_string()),
+                    KeyValue::new("saga.attempt", i64::from(command.attempt)),
+                ];
+                (name.into(), attributes)
+            });
+        message.headers = trace.headers(sent);
+        message
+    }
+
+    /// The command of a saga's pending attempt, made again as the transition that started the
+    /// attempt made it (ADR 28): the saga's input, outputs and failure cannot have changed while
+    /// the attempt is pending, since only its reply or deadline moves the saga on. `None`: the
+    /// saga's definition or row cannot give it (the saga's deadline handles it then).
+    pub(crate) fn pending_command(
+        &self,
+        row: &SagaRow,
+        attempt: &crate::lease::PendingCommand,
+    ) -> Result<OutboxMessage, String> {
+        let definition = self
+            .registry
+            .get(&row.saga_type, row.definition_version as u32)
+            .ok_or_else(|| format!("no definition {} v{}", row.saga_type, row.definition_version))?;
+        let index = usize::try_from(attempt.step_index).map_err(|_| "a negative step index".to_owned())?;
+        let step = definition.steps.get(index).ok_or_else(|| format!("no step {index}"))?;
+        let kind: saga_defs::StepKind = attempt.kind.parse().map_err(|_| format!("kind {:?}", attempt.kind))?;
+        let action = match kind {
+            saga_defs::StepKind::Action => step.action.clone(),
+            saga_defs::StepKind::Compensation => {
+                step.compensation.as_ref().ok_or("a compensation the step does not have")?.action.clone()
+            }
+        };
+        let command = saga_defs::machine::StepCommand {
+            step_index: index,
+            step: step.name.clone(),
+            participant: step.participant.clone(),
+            kind,
+            action,
+            attempt: u32::try_from(attempt.attempt).map_err(|_| "a negative attempt".to_owned())?,
+            deadline: attempt.deadline_at,
+        };
+        let state = row.state().map_err(|e| e.to_string())?;
+        let input = row.input().map_err(|e| e.to_string())?;
+        let outputs = row.outputs().map_err(|e| e.to_string())?;
+        Ok(self.command_message(row.id, definition, input, outputs, state.failure, &command, &row.trace()))
     }
 }
 

@@ -28,6 +28,9 @@ pub(crate) struct Inbound {
     pub(crate) admission: Arc<Admission>,
     /// Publish on commit (see `saga_runtime::outbox::Handoff`); `None`: the relay reads back.
     pub(crate) handoff: Option<saga_runtime::outbox::Handoff>,
+    /// This process's registration (`lease`): with `handoff`, commands go from memory, not
+    /// through the outbox (ADR 28).
+    pub(crate) relay: Option<i64>,
 }
 
 enum Message {
@@ -93,7 +96,7 @@ impl BatchHandler for Inbound {
         let mut dead = Vec::new();
         let parsed: Vec<Result<Message, Reason>> = records.iter().map(|r| self.parse(r)).collect();
         // One transaction, and about four statements and the commit, for the whole batch (see `writes`).
-        let mut writes = Writes::batched(&mut tx, self.handoff.is_some());
+        let mut writes = Writes::batched(&mut tx, self.handoff.is_some(), self.relay);
         let sagas: Vec<uuid::Uuid> = parsed
             .iter()
             .filter_map(|m| match m {
@@ -175,7 +178,11 @@ impl BatchHandler for Inbound {
         tx.commit().await?;
         starting.committed();
         if let (Some(handoff), Some(handed)) = (&self.handoff, handed) {
-            handoff.send(handed.since(started));
+            // Waits while the relay is behind if it holds commands (their only copy is in
+            // memory): the consumer then stops taking records, and they wait in Kafka.
+            if handoff.deliver(handed.since(started)).await.is_err() {
+                tracing::warn!("the relay stopped: this batch's commands are left to the lease");
+            }
         }
         effects.record();
         for (message, label) in dead {
@@ -228,6 +235,7 @@ mod tests {
             start_topic: "saga-start-requests".into(),
             admission: Arc::new(Admission::new(crate::admission::parse_limits("500").unwrap(), types)),
             handoff: None,
+            relay: None,
         };
         (inbound, pool, name)
     }
@@ -322,6 +330,126 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM saga_instances WHERE id = $1").await, 1);
         assert_eq!(count("SELECT count(*) FROM saga_history WHERE saga_id = $1").await, 1);
         assert_eq!(count("SELECT count(*) FROM saga_step_attempts WHERE saga_id = $1").await, 1);
+        pool.close().await;
+        scratch::drop(&name).await;
+    }
+
+    /// A batch's commands go to the relay from memory, with no outbox row, their attempts held by
+    /// this process's registration; an adoption of the registration writes the command of every
+    /// attempt still pending to the outbox (the same command, made again) and deletes it; a batch
+    /// whose registration is gone writes its commands to the outbox as before (ADR 28).
+    #[tokio::test]
+    async fn commands_go_from_memory_and_an_adopted_registration_writes_them_to_the_outbox() {
+        let (mut inbound, pool, name) = inbound("inbound_lease").await;
+        let (handoff, mut relay) = saga_runtime::outbox::Handoff::channel();
+        let registration = crate::lease::register(&pool).await.unwrap();
+        inbound.handoff = Some(handoff);
+        inbound.relay = Some(registration);
+        let count = |sql: &'static str| {
+            let pool = pool.clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+        };
+
+        let (first, second) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        inbound.handle(&[start_record(first, 1), start_record(second, 2)]).await.unwrap();
+        let handed = relay.try_recv().expect("the batch was handed to the relay");
+        assert_eq!(handed.rows(), 2, "the two lifecycle events are rows");
+        let commands = handed.unlogged().to_vec();
+        assert_eq!(commands.len(), 2, "the two first commands have no row");
+        assert_eq!(count("SELECT count(*) FROM outbox WHERE message_type = 'saga.command'").await, 0);
+        let held: Vec<Option<i64>> = sqlx::query_scalar("SELECT handed_by FROM saga_step_attempts ORDER BY saga_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(held, vec![Some(registration); 2], "both attempts are held by the registration");
+
+        // The first saga's command was answered: only the second's is still pending.
+        inbound.handle(&[success_reply(first, "verify_order", "order", 3)]).await.unwrap();
+        let answered = relay.try_recv().expect("the reply's batch was handed over");
+        assert_eq!(answered.unlogged().len(), 1, "the first saga's next command");
+        let lapsed = crate::lease::Which::Lapsed { lease: std::time::Duration::from_secs(60), except: 0 };
+        assert_eq!(crate::lease::adopt(&pool, &inbound.engine, lapsed, None).await.unwrap(), None, "not lapsed yet");
+        let own = crate::lease::Which::Lapsed { lease: std::time::Duration::ZERO, except: registration };
+        assert_eq!(crate::lease::adopt(&pool, &inbound.engine, own, None).await.unwrap(), None, "a process's own");
+
+        let adopted = crate::lease::adopt(
+            &pool,
+            &inbound.engine,
+            crate::lease::Which::Lapsed { lease: std::time::Duration::ZERO, except: 0 },
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            adopted,
+            Some(crate::lease::Adopted { relay: registration, commands: 2, finished: true, next: None })
+        );
+        let stored: Vec<(String, Vec<u8>)> = sqlx::query_as(
+            "SELECT topic, raw_payload FROM outbox WHERE message_type = 'saga.command' AND NOT handed_off ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let comparable = |bytes: &[u8]| {
+            let mut value: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            value.as_object_mut().unwrap().remove("message_id");
+            value
+        };
+        let mut expected: Vec<(String, serde_json::Value)> = [&commands[1], &answered.unlogged()[0]]
+            .into_iter()
+            .map(|m| (m.topic.clone(), comparable(m.payload.bytes().unwrap())))
+            .collect();
+        let mut found: Vec<(String, serde_json::Value)> =
+            stored.iter().map(|(topic, payload)| (topic.clone(), comparable(payload))).collect();
+        expected.sort_by_key(|(topic, v)| (topic.clone(), v["saga_id"].to_string()));
+        found.sort_by_key(|(topic, v)| (topic.clone(), v["saga_id"].to_string()));
+        assert_eq!(found, expected, "each pending attempt's command, made again as it was sent");
+        assert_eq!(
+            count("SELECT count(*) FROM saga_step_attempts WHERE handed_by IS NOT NULL AND status = 'PENDING'").await,
+            0
+        );
+        assert_eq!(count("SELECT count(*) FROM orchestrator_relays").await, 0, "the registration is gone");
+
+        // Its process, still alive, goes on: its commands now go through the outbox.
+        let third = uuid::Uuid::now_v7();
+        inbound.handle(&[start_record(third, 4)]).await.unwrap();
+        let handed = relay.try_recv().unwrap();
+        assert_eq!((handed.rows(), handed.unlogged().len()), (2, 0), "the command and the event are rows");
+        assert_eq!(
+            count("SELECT count(*) FROM saga_step_attempts WHERE handed_by IS NOT NULL AND status = 'PENDING'").await,
+            0
+        );
+        pool.close().await;
+        scratch::drop(&name).await;
+    }
+
+    /// A registration holding more pending attempts than one adoption step takes is adopted in
+    /// steps that each go on where the last ended: every command once, then the registration gone.
+    #[tokio::test]
+    async fn a_registration_with_many_pending_attempts_is_adopted_in_steps() {
+        let (mut inbound, pool, name) = inbound("inbound_lease_steps").await;
+        let (handoff, _relay) = saga_runtime::outbox::Handoff::channel();
+        let registration = crate::lease::register(&pool).await.unwrap();
+        inbound.handoff = Some(handoff);
+        inbound.relay = Some(registration);
+        let records: Vec<Record> = (0..1_100).map(|i| start_record(uuid::Uuid::new_v4(), i)).collect();
+        for batch in records.chunks(250) {
+            inbound.handle(batch).await.unwrap();
+        }
+        let lapsed = crate::lease::Which::Lapsed { lease: std::time::Duration::ZERO, except: 0 };
+        let (mut after, mut steps) = (None, Vec::new());
+        while let Some(adopted) = crate::lease::adopt(&pool, &inbound.engine, lapsed, after).await.unwrap() {
+            steps.push((adopted.commands, adopted.finished));
+            after = adopted.next;
+        }
+        assert_eq!(steps, [(500, false), (500, false), (100, true)]);
+        let commands: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT message_key) FROM outbox WHERE message_type = 'saga.command'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(commands, [(1_100, 1_100)], "each saga's command once");
         pool.close().await;
         scratch::drop(&name).await;
     }

@@ -6,6 +6,7 @@ mod dead_letters;
 mod engine;
 mod http;
 mod inbound;
+mod lease;
 mod metrics;
 mod retention;
 mod stats;
@@ -129,6 +130,17 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     if let Some(listener) = profiles {
         supervisor.spawn("heap-profile", telemetry::serve_profiles(listener, shutdown.clone()));
     }
+    lease::describe();
+    // The registration behind the commands handed off from memory (ADR 28).
+    let relay = if config.outbox.outbox_publish_on_commit {
+        let relay = lease::register(&pool).await?;
+        tracing::info!(relay, lease_ms = config.handoff_lease.as_millis() as u64, "registered");
+        supervisor
+            .spawn("lease", lease::run(pool.clone(), engine.clone(), relay, config.handoff_lease, shutdown.clone()));
+        Some(relay)
+    } else {
+        None
+    };
     let (handoff, handoffs) = if config.outbox.outbox_publish_on_commit {
         let (handoff, handoffs) = outbox::Handoff::channel();
         (Some(handoff), Some(handoffs))
@@ -155,6 +167,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
         start_topic: start_topic.clone(),
         admission: admission.clone(),
         handoff,
+        relay,
     };
     let settings = config.kafka.consumer_settings();
     let consumer_shutdown = shutdown.clone();
@@ -198,7 +211,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     );
     let state = http::AppState {
         pool: pool.clone(),
-        engine,
+        engine: engine.clone(),
         redact: Arc::new(config.redact_fields.clone()),
         dead_letters: Arc::new(dead_letters),
         admission,
@@ -213,7 +226,16 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let readiness =
         health::Readiness { service: "saga-orchestrator", pool: pool.clone(), producer, tasks: supervisor.health() };
     let router = health::finish(http::router(state, auth).merge(health::router(readiness)));
-    let served = supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool).await;
+    let served = supervisor::serve_until_stopped(supervisor, config.http_addr, router, pool.clone()).await;
+    if let Some(relay) = relay {
+        // Its commands still held in memory go to the outbox for the next process's relay (the
+        // ones delivered already are published twice, which participants deduplicate). If this
+        // fails, another process adopts them once the lease lapses.
+        match lease::release(&pool, &engine, relay).await {
+            Ok(()) => tracing::info!(relay, "registration released"),
+            Err(error) => tracing::warn!(%error, relay, "releasing the registration; the lease recovers it"),
+        }
+    }
     export.shutdown().await;
     served
 }

@@ -35,6 +35,9 @@ pub(crate) struct Writes<'c> {
     batch: Option<Batch>,
     /// The batch's outbox rows are handed to the relay after commit (publish on commit).
     handoff: bool,
+    /// This process's relay registration (ADR 28): with `handoff`, the batch's commands are not
+    /// written to the outbox but handed off from memory, their attempts marked as held by it.
+    relay: Option<i64>,
 }
 
 #[derive(Default)]
@@ -74,13 +77,14 @@ struct PendingAttempt {
 impl<'c> Writes<'c> {
     /// Every read and write goes to the database at once.
     pub(crate) fn direct(conn: &'c mut PgConnection) -> Self {
-        Self { conn, batch: None, handoff: false }
+        Self { conn, batch: None, handoff: false, relay: None }
     }
 
     /// Reads come from the rows locked for the batch; writes wait for [`Writes::flush`]. With
-    /// `handoff`, the outbox rows `flush` writes are returned to hand to the relay after commit.
-    pub(crate) fn batched(conn: &'c mut PgConnection, handoff: bool) -> Self {
-        Self { conn, batch: Some(Batch::default()), handoff }
+    /// `handoff`, the outbox rows `flush` writes are returned to hand to the relay after commit;
+    /// with a `relay` registration too, the commands are returned without rows (ADR 28).
+    pub(crate) fn batched(conn: &'c mut PgConnection, handoff: bool, relay: Option<i64>) -> Self {
+        Self { conn, batch: Some(Batch::default()), handoff, relay: relay.filter(|_| handoff) }
     }
 
     /// Locks and reads the sagas `ids` (and their pending attempts) in two statements, in id
@@ -310,27 +314,48 @@ impl<'c> Writes<'c> {
             .partition(|(id, f, _)| started.contains(&key(*id, f.step.as_str(), f.kind, f.attempt)));
 
         let mut first = outbox::Also::default();
+        // The commands go from memory only if the registration is there, locked against an
+        // adoption until this transaction ends (ADR 28); else into the outbox, as they used to.
+        let relay = match self.relay.filter(|_| self.handoff && !new_attempts.is_empty()) {
+            Some(relay) => {
+                let id = first.params().add(relay)?;
+                first.cte("relay", &format!("SELECT id FROM orchestrator_relays WHERE id = {id} FOR KEY SHARE"));
+                Some("(SELECT id FROM relay)")
+            }
+            None => None,
+        };
         if !new_attempts.is_empty() {
-            let sql = insert_attempts(first.params(), &new_attempts)?;
+            let sql = insert_attempts(first.params(), &new_attempts, relay)?;
             first.cte("new_attempts", &sql);
         }
         if !finished.is_empty() {
             let sql = finish_attempts(first.params(), &finished)?;
             first.cte("finished_attempts", &sql);
         }
+        let mut held = false;
         if !updates.is_empty() || !first.is_empty() {
-            let main = if updates.is_empty() { "SELECT 1".to_owned() } else { update_sagas(first.params(), &updates)? };
+            if !updates.is_empty() {
+                let sql = update_sagas(first.params(), &updates)?;
+                first.cte("updated", &format!("{sql} RETURNING 1"));
+            }
+            let main = format!(
+                "SELECT {}::int8, {}",
+                if updates.is_empty() { "0" } else { "(SELECT count(*) FROM updated)" },
+                if relay.is_some() { "EXISTS (SELECT FROM relay)" } else { "false" }
+            );
             let (sql, params) = first.statement(&main);
             // Planned at each call (unprepared), as the batch's reads are.
-            let updated = params.query(&sql).persistent(false).execute(&mut *conn).await?;
-            if !updates.is_empty() && updated.rows_affected() != updates.len() as u64 {
+            let (updated, relay_held): (i64, bool) =
+                params.query_as(&sql).persistent(false).fetch_one(&mut *conn).await?;
+            if updated != updates.len() as i64 {
                 // Rows locked by this transaction cannot have moved: something else wrote them.
                 return Err(sqlx::Error::Protocol(format!(
                     "{} of {} saga updates found their version moved under a held lock",
-                    updates.len() as u64 - updated.rows_affected(),
+                    updates.len() as i64 - updated,
                     updates.len()
                 )));
             }
+            held = relay_held;
         }
         if !finished_after.is_empty() {
             let mut params = Params::default();
@@ -348,10 +373,16 @@ impl<'c> Writes<'c> {
             Some(also)
         };
         let messages = std::mem::take(&mut batch.outbox);
-        if self.handoff {
+        if !self.handoff {
+            return outbox::insert_with(conn, &messages, also).await.map(|_| None);
+        }
+        if !held {
             return outbox::insert_for_handoff_with(conn, messages, also).await.map(Some);
         }
-        outbox::insert_with(conn, &messages, also).await.map(|_| None)
+        let (commands, rest): (Vec<_>, Vec<_>) =
+            messages.into_iter().partition(|m| m.message_type == Some(saga_defs::contract::MESSAGE_TYPE_COMMAND));
+        let handed = outbox::insert_for_handoff_with(conn, rest, also).await?;
+        Ok(Some(handed.with_unlogged(commands)))
     }
 }
 
@@ -399,14 +430,21 @@ fn update_sagas(params: &mut Params, updates: &[(i64, SagaRow)]) -> sqlx::Result
     ))
 }
 
-/// The batch's new pending attempts.
-fn insert_attempts(params: &mut Params, new: &[(Uuid, StepCommand, DateTime<Utc>)]) -> sqlx::Result<String> {
+/// The batch's new pending attempts; `handed_by`, an SQL expression for the registration that
+/// holds their commands (none: they are in the outbox).
+fn insert_attempts(
+    params: &mut Params,
+    new: &[(Uuid, StepCommand, DateTime<Utc>)],
+    handed_by: Option<&str>,
+) -> sqlx::Result<String> {
     Ok(format!(
-        "INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, status, started_at, deadline_at)
-         SELECT u.saga_id, u.step_index, u.step_name, u.kind, u.attempt, 'PENDING', u.started_at, u.deadline_at
+        "INSERT INTO saga_step_attempts (saga_id, step_index, step_name, kind, attempt, status, started_at, deadline_at,
+                                         handed_by)
+         SELECT u.saga_id, u.step_index, u.step_name, u.kind, u.attempt, 'PENDING', u.started_at, u.deadline_at, {}
          FROM UNNEST({}::uuid[], {}::int[], {}::text[], {}::text[], {}::int[], {}::timestamptz[], {}::timestamptz[])
              AS u(saga_id, step_index, step_name, kind, attempt, started_at, deadline_at)
          ON CONFLICT DO NOTHING",
+        handed_by.unwrap_or("NULL::int8"),
         params.add(new.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())?,
         params.add(new.iter().map(|(_, c, _)| c.step_index as i32).collect::<Vec<_>>())?,
         params.add(new.iter().map(|(_, c, _)| c.step.as_str()).collect::<Vec<_>>())?,
@@ -525,7 +563,7 @@ mod tests {
         };
         let mut tx = conn.begin().await.unwrap();
         let before = rows_read(&mut tx, "saga_instances").await;
-        let mut writer = Writes::batched(&mut tx, false);
+        let mut writer = Writes::batched(&mut tx, false, None);
         writer.prefetch(ids).await.unwrap();
         let batch = writer.batch.as_ref().unwrap();
         let (sagas, pending) = (batch.rows.values().flatten().count(), batch.attempts.len());
@@ -660,7 +698,7 @@ mod tests {
         let batch = tokio::spawn(async move {
             let mut conn = PgConnection::connect(&url).await.unwrap();
             let mut tx = conn.begin().await.unwrap();
-            let mut writer = Writes::batched(&mut tx, false);
+            let mut writer = Writes::batched(&mut tx, false, None);
             writer.prefetch(&[id]).await.unwrap();
             let read = writer.batch.take().unwrap();
             drop(writer);

@@ -976,6 +976,11 @@ impl System {
     }
 
     /// Stops every process and drops the run's databases.
+    /// Everything `service` logged in this run, across its restarts.
+    pub fn log(&self, service: &str) -> String {
+        std::fs::read_to_string(self.log_dir.join(format!("{service}.log"))).unwrap_or_default()
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
         let running: Vec<&'static str> = self.processes().keys().copied().collect();
         for service in running {

@@ -75,11 +75,16 @@ async fn no_committed_migration_changes_and_every_one_is_listed() {
         .unwrap()
         .lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .map(|line| {
+        .fold(std::collections::BTreeMap::new(), |mut listed, line| {
             let (file, sum) = line.split_once(' ').unwrap_or_else(|| panic!("not `<file> <sha384>`: {line:?}"));
-            (file.to_string(), sum.trim().to_string())
-        })
-        .collect();
+            let sum = sum.trim();
+            assert!(
+                sum.len() == 96 && sum.bytes().all(|b| b.is_ascii_hexdigit()),
+                "not `<file> <sha384>` (96 hex digits): {line:?}"
+            );
+            assert!(listed.insert(file.to_string(), sum.to_string()).is_none(), "{file} is listed twice");
+            listed
+        });
     let mut found = std::collections::BTreeSet::new();
     let mut problems = Vec::new();
     for set in std::fs::read_dir(&root).unwrap() {

@@ -91,7 +91,7 @@ pub async fn insert_for_handoff_with(
     also: Option<Also>,
 ) -> sqlx::Result<HandedOff> {
     let ids = insert_rows(conn, &messages, true, also).await?;
-    Ok(HandedOff { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() })
+    Ok(HandedOff { rows: ids.into_iter().zip(messages).collect(), unlogged: Vec::new(), started: Instant::now() })
 }
 
 /// Inserts messages on the caller's connection, for the relay to publish on commit when
@@ -176,7 +176,7 @@ impl AfterCommit {
         debug_assert_eq!(ids.len(), messages.len(), "one id per message");
         Self(Some((
             handoff.clone(),
-            HandedOff { rows: ids.into_iter().zip(messages).collect(), started: Instant::now() },
+            HandedOff { rows: ids.into_iter().zip(messages).collect(), unlogged: Vec::new(), started: Instant::now() },
         )))
     }
 
@@ -252,11 +252,32 @@ pub fn insert_part(
 #[derive(Debug)]
 pub struct HandedOff {
     rows: Vec<(i64, OutboxMessage)>,
+    /// Messages with no row, made durable by the caller in another way (the orchestrator's
+    /// commands, by their pending attempts; ADR 28): published after the rows, and written to
+    /// the outbox (for the relay's table path) only if the broker does not take them.
+    unlogged: Vec<OutboxMessage>,
     /// When the work that wrote them began (for `saga_outbox_dwell_seconds`).
     started: Instant,
 }
 
 impl HandedOff {
+    /// Adds messages that have no outbox row (see the field). A batch holding any must be handed
+    /// over with [`Handoff::deliver`], which waits for room instead of leaving it to the sweep.
+    pub fn with_unlogged(mut self, messages: Vec<OutboxMessage>) -> Self {
+        self.unlogged.extend(messages);
+        self
+    }
+
+    /// The messages it holds without a row.
+    pub fn unlogged(&self) -> &[OutboxMessage] {
+        &self.unlogged
+    }
+
+    /// How many rows it holds.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
     /// Counts from `started` instead (the start of the batch that wrote them).
     pub fn since(mut self, started: Instant) -> Self {
         self.started = started;
@@ -264,8 +285,10 @@ impl HandedOff {
     }
 }
 
-/// The way from a committed transaction to this process's relay. Sending never waits: when the
-/// relay is behind (its queue is full) the rows stay in the outbox for its sweep.
+/// The way from a committed transaction to this process's relay. [`Handoff::send`] never waits:
+/// when the relay is behind (its queue is full) the rows stay in the outbox for its sweep.
+/// Messages without a row have no sweep to fall back on: [`Handoff::deliver`] waits for room, so
+/// that a relay behind holds its consumer back (queueing) instead of losing them.
 #[derive(Debug, Clone)]
 pub struct Handoff(tokio::sync::mpsc::Sender<HandedOff>);
 
@@ -281,12 +304,25 @@ impl Handoff {
     /// Hands committed rows to the relay. Call only after the transaction that inserted them
     /// committed.
     pub fn send(&self, batch: HandedOff) {
+        debug_assert!(batch.unlogged.is_empty(), "a batch with messages that have no row goes through deliver");
         if batch.rows.is_empty() {
             return;
         }
         if self.0.try_send(batch).is_err() {
             counter!(HANDOFFS_LEFT).increment(1);
         }
+    }
+
+    /// Hands committed rows and messages without a row to the relay, waiting while its queue is
+    /// full when there are any of the latter. Call only after the transaction that wrote them
+    /// committed. An error: the relay is gone (the process is stopping); what has no row is then
+    /// left to whoever makes it durable (the orchestrator's lease, ADR 28).
+    pub async fn deliver(&self, batch: HandedOff) -> Result<(), HandedOff> {
+        if batch.unlogged.is_empty() {
+            self.send(batch);
+            return Ok(());
+        }
+        self.0.send(batch).await.map_err(|error| error.0)
     }
 }
 
@@ -297,6 +333,7 @@ pub(crate) const PENDING: &str = "saga_outbox_pending";
 pub(crate) const OLDEST_AGE: &str = "saga_outbox_oldest_age_seconds";
 pub(crate) const DWELL_SECONDS: &str = "saga_outbox_dwell_seconds";
 pub(crate) const HANDOFFS_LEFT: &str = "saga_outbox_handoffs_left_total";
+pub(crate) const UNDELIVERED_STORED: &str = "saga_outbox_undelivered_stored_total";
 /// Finer than the default buckets: the dwell of a healthy outbox is a few milliseconds.
 pub(crate) const DWELL_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -317,8 +354,14 @@ pub(crate) fn describe_metrics() {
         HANDOFFS_LEFT,
         "Committed batches not published on commit (relay behind, or a publish failed) and left to the relay's sweep"
     );
+    describe_counter!(
+        UNDELIVERED_STORED,
+        "Messages handed off without an outbox row (the orchestrator's commands) that the broker did not take, \
+         written to the outbox for the relay's table path"
+    );
     // At zero from the start, so that `rate()` and alerts see the first error.
     metrics::counter!(HANDOFFS_LEFT).increment(0);
+    metrics::counter!(UNDELIVERED_STORED).increment(0);
     metrics::counter!(PUBLISHED).increment(0);
     metrics::counter!(PUBLISH_ERRORS).increment(0);
 }
@@ -460,7 +503,7 @@ pub async fn run_relay(
     };
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(HANDOFFS_IN_FLIGHT));
     let (acknowledged, deletions) = tokio::sync::mpsc::unbounded_channel();
-    let deleter = delete_acknowledged(pool.clone(), deletions, config.outbox_delete_linger, shutdown.clone());
+    let deleter = settle(pool.clone(), deletions, config.outbox_delete_linger, shutdown.clone());
     let relay = async move {
         while !shutdown.is_cancelled() {
             // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
@@ -539,14 +582,24 @@ pub async fn run_relay(
 /// Hand-offs whose acknowledgements may be awaited at once; beyond, the relay waits.
 const HANDOFFS_IN_FLIGHT: usize = 64;
 
+/// What became of handed-off messages once the broker answered.
+#[derive(Debug)]
+enum Settled {
+    /// Rows the broker acknowledged, to delete.
+    Acknowledged(Vec<i64>),
+    /// Messages without a row that the broker did not take, to write to the outbox.
+    Undelivered(Vec<OutboxMessage>),
+}
+
 /// Produces rows handed over on commit, in order, then (off the relay's path, so that the next
 /// batch is produced meanwhile) awaits the broker's acknowledgements and deletes them. Rows that
-/// could not be produced stay for the sweep once older than the grace period.
+/// could not be produced stay for the sweep once older than the grace period; messages without a
+/// row that could not be produced are written to the outbox instead ([`settle`]).
 async fn publish_handed_off(
     producer: &FutureProducer,
-    batches: Vec<HandedOff>,
+    mut batches: Vec<HandedOff>,
     in_flight: &std::sync::Arc<tokio::sync::Semaphore>,
-    acknowledged: &tokio::sync::mpsc::UnboundedSender<Vec<i64>>,
+    settled: &tokio::sync::mpsc::UnboundedSender<Settled>,
 ) {
     let started = Instant::now();
     let dwell = histogram!(DWELL_SECONDS);
@@ -554,29 +607,42 @@ async fn publish_handed_off(
     let mut encoded = Vec::new();
     for batch in &batches {
         let seconds = batch.started.elapsed().as_secs_f64();
-        for (id, message) in &batch.rows {
+        let messages = batch.rows.iter().map(|(id, m)| (Some(*id), m)).chain(batch.unlogged.iter().map(|m| (None, m)));
+        for (id, message) in messages {
             dwell.record(seconds);
-            encoded.push((*id, message, message.payload.bytes()));
+            encoded.push((id, message, message.payload.bytes()));
         }
     }
     let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
     crate::faults::crash_point!("outbox.before_publish");
     let mut deliveries = Vec::with_capacity(encoded.len());
+    let mut refused = None;
     for (_, message, payload) in &encoded {
         let record =
             record(&message.topic, &message.key, message.message_type, &message.headers, *payload, &schema_version);
         match producer.send_result(record) {
             Ok(delivery) => deliveries.push(delivery),
             Err((error, _)) => {
-                counter!(PUBLISH_ERRORS).increment(1);
-                counter!(HANDOFFS_LEFT).increment(batches.len() as u64);
-                tracing::warn!(%error, "producing on commit failed; the relay's sweep publishes these rows later");
-                return;
+                refused = Some(error);
+                break;
             }
         }
     }
-    let ids: Vec<i64> = encoded.iter().map(|(id, _, _)| *id).collect();
-    let (acknowledged, handed) = (acknowledged.clone(), batches.len() as u64);
+    let ids: Vec<i64> = encoded.iter().filter_map(|(id, _, _)| *id).collect();
+    drop(encoded);
+    // The producer copied what it took; what has no row is kept until the broker answered.
+    let unlogged: Vec<OutboxMessage> = batches.iter_mut().flat_map(|b| std::mem::take(&mut b.unlogged)).collect();
+    let handed = batches.len() as u64;
+    if let Some(error) = refused {
+        counter!(PUBLISH_ERRORS).increment(1);
+        counter!(HANDOFFS_LEFT).increment(handed);
+        tracing::warn!(%error, "producing on commit failed; the relay's sweep publishes these rows later");
+        if !unlogged.is_empty() {
+            let _ = settled.send(Settled::Undelivered(unlogged));
+        }
+        return;
+    }
+    let settled = settled.clone();
     tokio::spawn(async move {
         let _permit = permit;
         for delivery in futures::future::join_all(deliveries).await {
@@ -588,13 +654,16 @@ async fn publish_handed_off(
             counter!(PUBLISH_ERRORS).increment(1);
             counter!(HANDOFFS_LEFT).increment(handed);
             tracing::error!(error, "publishing on commit failed; the relay's sweep publishes these rows later");
+            if !unlogged.is_empty() {
+                let _ = settled.send(Settled::Undelivered(unlogged));
+            }
             return;
         }
         crate::faults::crash_point!("outbox.after_publish");
         histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-        counter!(PUBLISHED).increment(ids.len() as u64);
+        counter!(PUBLISHED).increment((ids.len() + unlogged.len()) as u64);
         // Gone only if the relay stopped: the sweep publishes them once more after the restart.
-        let _ = acknowledged.send(ids);
+        let _ = settled.send(Settled::Acknowledged(ids));
     });
 }
 
@@ -602,40 +671,91 @@ async fn publish_handed_off(
 /// `linger` of the first in one statement and one commit, instead of one each (a
 /// service that hands off an order or a small batch at a time wrote a commit per hand-off).
 /// A row published but not deleted (the database failing, a stop) is published once more by the
-/// sweep, which consumers deduplicate. Ends when every sender is gone or at `shutdown`, after
-/// deleting what was already acknowledged.
-async fn delete_acknowledged(
+/// sweep, which consumers deduplicate. Messages without a row that the broker did not take are
+/// inserted into the outbox (not handed off: the relay's table path publishes them), retried
+/// until they are in; any still out at a stop are logged, and left to whoever made them durable
+/// (ADR 28). Ends when every sender is gone or at `shutdown`, after settling what it holds.
+async fn settle(
     pool: PgPool,
-    mut acknowledged: tokio::sync::mpsc::UnboundedReceiver<Vec<i64>>,
+    mut settled: tokio::sync::mpsc::UnboundedReceiver<Settled>,
     linger: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut batches = Vec::new();
+    let mut received = Vec::new();
+    let mut undelivered: Vec<OutboxMessage> = Vec::new();
+    let mut backoff = ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(5),
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    };
     loop {
+        // While messages wait to be stored, come back for them even if nothing else arrives.
+        let retry = if undelivered.is_empty() { Duration::MAX } else { backoff.next_backoff().unwrap_or(linger) };
         let stopping = tokio::select! {
-            received = acknowledged.recv_many(&mut batches, 1024) => {
-                if received == 0 {
+            n = settled.recv_many(&mut received, 1024) => {
+                if n == 0 && undelivered.is_empty() {
                     return;
                 }
-                tokio::select! {
+                n == 0 || tokio::select! {
                     _ = shutdown.cancelled() => true,
                     _ = tokio::time::sleep(linger) => false,
                 }
             }
+            _ = tokio::time::sleep(retry) => false,
             _ = shutdown.cancelled() => true,
         };
-        while let Ok(more) = acknowledged.try_recv() {
-            batches.push(more);
+        while let Ok(more) = settled.try_recv() {
+            received.push(more);
         }
-        let ids: Vec<i64> = batches.drain(..).flatten().collect();
+        let mut ids = Vec::new();
+        for item in received.drain(..) {
+            match item {
+                Settled::Acknowledged(acknowledged) => ids.extend(acknowledged),
+                Settled::Undelivered(messages) => undelivered.extend(messages),
+            }
+        }
         if !ids.is_empty() {
             if let Err(error) = sqlx::query(DELETE_PUBLISHED).persistent(false).bind(&ids).execute(&pool).await {
                 tracing::warn!(%error, rows = ids.len(), "deleting published outbox rows failed; the sweep publishes them again");
             }
         }
-        if stopping {
-            return;
+        if !undelivered.is_empty() {
+            let mut conn = match pool.acquire().await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    tracing::warn!(%error, messages = undelivered.len(), "storing undelivered messages in the outbox; retrying");
+                    if stopping {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match insert(&mut conn, &undelivered).await {
+                Ok(()) => {
+                    counter!(UNDELIVERED_STORED).increment(undelivered.len() as u64);
+                    tracing::warn!(
+                        messages = undelivered.len(),
+                        "messages the broker did not take are in the outbox now"
+                    );
+                    undelivered.clear();
+                    backoff.reset();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, messages = undelivered.len(), "storing undelivered messages in the outbox; retrying")
+                }
+            }
         }
+        if stopping {
+            break;
+        }
+    }
+    if !undelivered.is_empty() {
+        tracing::error!(
+            messages = undelivered.len(),
+            "stopping with messages the broker did not take and the outbox could not store; their owner's lease \
+             recovers them"
+        );
     }
 }
 
@@ -757,6 +877,54 @@ mod tests {
         );
         assert_eq!(swept[3], Some(br#"{"old": true}"#.as_slice()), "an older row's jsonb as text");
         tx.rollback().await.unwrap();
+        conn.close().await.unwrap();
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+
+    /// A message handed off without a row (ADR 28) that the broker does not take is not lost: it
+    /// is written to the outbox, not handed off, for the relay's table path.
+    #[tokio::test]
+    async fn a_message_without_a_row_that_the_broker_refuses_lands_in_the_outbox() {
+        let (mut admin, name, mut conn) = scratch().await;
+        let pool = PgPool::connect(&url(&name)).await.unwrap();
+        // No broker listens there: every delivery fails once its timeout passes.
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.timeout.ms", "300")
+            .create()
+            .unwrap();
+        let config = OutboxConfig {
+            outbox_batch_size: 100,
+            outbox_poll_interval: Duration::from_secs(60),
+            outbox_publish_on_commit: true,
+            outbox_handoff_grace: Duration::from_secs(60),
+            outbox_delete_linger: Duration::from_millis(10),
+        };
+        let (handoff, handoffs) = Handoff::channel();
+        let shutdown = CancellationToken::new();
+        let relay = tokio::spawn(run_relay(pool.clone(), producer, config, Some(handoffs), shutdown.clone()));
+        let unlogged = vec![message(7), message(8)];
+        let batch = HandedOff { rows: Vec::new(), unlogged: Vec::new(), started: Instant::now() };
+        handoff.deliver(batch.with_unlogged(unlogged.clone())).await.unwrap();
+
+        let started = Instant::now();
+        let stored = loop {
+            let stored: Vec<(String, Vec<u8>, bool)> =
+                sqlx::query_as("SELECT message_key, raw_payload, handed_off FROM outbox ORDER BY id")
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+            if !stored.is_empty() || started.elapsed() > Duration::from_secs(20) {
+                break stored;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let expected: Vec<(String, Vec<u8>, bool)> =
+            unlogged.iter().map(|m| (m.key.clone(), m.payload.bytes().unwrap().to_vec(), false)).collect();
+        assert_eq!(stored, expected, "both messages, as they were, for the relay's table path");
+        shutdown.cancel();
+        relay.await.unwrap();
+        pool.close().await;
         conn.close().await.unwrap();
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
     }

@@ -825,18 +825,13 @@ impl Engine {
         let index = usize::try_from(attempt.step_index).map_err(|_| "a negative step index".to_owned())?;
         let step = definition.steps.get(index).ok_or_else(|| format!("no step {index}"))?;
         let kind: saga_defs::StepKind = attempt.kind.parse().map_err(|_| format!("kind {:?}", attempt.kind))?;
-        let action = match kind {
-            saga_defs::StepKind::Action => step.action.clone(),
-            saga_defs::StepKind::Compensation => {
-                step.compensation.as_ref().ok_or("a compensation the step does not have")?.action.clone()
-            }
-        };
+        let (action, _) = step.command(kind).ok_or("a compensation the step does not have")?;
         let command = saga_defs::machine::StepCommand {
             step_index: index,
             step: step.name.clone(),
             participant: step.participant.clone(),
             kind,
-            action,
+            action: action.to_owned(),
             attempt: u32::try_from(attempt.attempt).map_err(|_| "a negative attempt".to_owned())?,
             deadline: attempt.deadline_at,
         };

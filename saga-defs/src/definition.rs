@@ -75,6 +75,15 @@ impl StepDefinition {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
+
+    /// What a command of this `kind` asks the participant to do, and its timeout in
+    /// milliseconds; `None` for a compensation the step does not have.
+    pub fn command(&self, kind: crate::StepKind) -> Option<(&str, u64)> {
+        match kind {
+            crate::StepKind::Action => Some((self.action.as_str(), self.timeout_ms)),
+            crate::StepKind::Compensation => self.compensation.as_ref().map(|c| (c.action.as_str(), c.timeout_ms)),
+        }
+    }
 }
 
 /// A saga type at one version.

@@ -433,13 +433,8 @@ fn send(
     clock: Clock,
 ) -> Result<Transition, TransitionError> {
     let step = definition.step(step_index).ok_or(TransitionError::UnknownStep(step_index))?;
-    let (action, timeout_ms) = match kind {
-        StepKind::Action => (step.action.clone(), step.timeout_ms),
-        StepKind::Compensation => {
-            let c = step.compensation.as_ref().ok_or(TransitionError::UnknownStep(step_index))?;
-            (c.action.clone(), c.timeout_ms)
-        }
-    };
+    let (action, timeout_ms) = step.command(kind).ok_or(TransitionError::UnknownStep(step_index))?;
+    let action = action.to_owned();
     let deadline = clock.now + ChronoDuration::milliseconds(timeout_ms as i64);
     if attempt == 1 {
         state.first_attempt = 1;

@@ -663,7 +663,9 @@ async fn publish_handed_off(
         histogram!(BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         counter!(PUBLISHED).increment((ids.len() + unlogged.len()) as u64);
         // Gone only if the relay stopped: the sweep publishes them once more after the restart.
-        let _ = settled.send(Settled::Acknowledged(ids));
+        if !ids.is_empty() {
+            let _ = settled.send(Settled::Acknowledged(ids));
+        }
     });
 }
 
@@ -721,17 +723,8 @@ async fn settle(
             }
         }
         if !undelivered.is_empty() {
-            let mut conn = match pool.acquire().await {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, messages = undelivered.len(), "storing undelivered messages in the outbox; retrying");
-                    if stopping {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            match insert(&mut conn, &undelivered).await {
+            let stored = async { insert(&mut *pool.acquire().await?, &undelivered).await }.await;
+            match stored {
                 Ok(()) => {
                     counter!(UNDELIVERED_STORED).increment(undelivered.len() as u64);
                     tracing::warn!(

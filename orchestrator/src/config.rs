@@ -27,6 +27,12 @@ pub(crate) struct Config {
     /// a crashed process's commands are sent again before their deadline.
     #[arg(long, env = "HANDOFF_LEASE_MS", default_value = "3000", value_parser = parse_lease, global = true)]
     pub(crate) handoff_lease: Duration,
+    /// How long past its deadline a step may wait to be timed out while replies that could answer
+    /// it may still wait unconsumed in Kafka (milliseconds; ADR 29): a partition of the replies
+    /// topic that nobody has applied up to the deadline (a rebalance after a crash takes the
+    /// consumer's session timeout, 45 s by default). 0: a deadline fires at its time.
+    #[arg(long, env = "REPLY_DEADLINE_MAX_WAIT_MS", default_value = "120000", value_parser = parse_millis, global = true)]
+    pub(crate) reply_deadline_max_wait: Duration,
     /// How often the timer loop looks for sagas whose deadline or backoff has passed (milliseconds).
     #[arg(long, env = "TIMER_INTERVAL_MS", default_value = "100", value_parser = parse_millis, global = true)]
     pub(crate) timer_interval: Duration,

@@ -55,7 +55,7 @@ pub(crate) fn describe() {
 const CHUNK: i64 = 500;
 
 /// Where this process runs, for people reading `orchestrator_relays`.
-fn host() -> String {
+pub(crate) fn host() -> String {
     let name = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())

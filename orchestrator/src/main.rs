@@ -12,6 +12,7 @@ mod retention;
 mod stats;
 mod store;
 mod timers;
+mod watermarks;
 mod writes;
 
 use std::sync::Arc;
@@ -123,7 +124,10 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let replies_topic = config.kafka.topic(REPLIES_TOPIC);
     let start_topic = config.kafka.topic(START_REQUESTS_TOPIC);
     let subscription = [replies_topic.clone(), start_topic.clone()];
-    let consumer = kafka::consumer(&config.kafka, &config.kafka_group_id, &subscription)?;
+    // How far the replies are applied, for the timer loop's reply deadlines (ADR 29).
+    let progress = Arc::new(saga_runtime::progress::Progress::new([replies_topic.clone()]));
+    let consumer =
+        kafka::consumer_with_progress(&config.kafka, &config.kafka_group_id, &subscription, Some(progress.clone()))?;
     let engine = Arc::new(engine::Engine::new(registry.clone(), config.kafka.kafka_topic_prefix.clone()));
     let shutdown = shutdown::on_signal();
     let mut supervisor = supervisor::Supervisor::new(shutdown.clone());
@@ -153,9 +157,29 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     );
     supervisor
         .spawn("outbox-gauges", outbox::run_backlog_gauges(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+    watermarks::describe();
+    let gate = Arc::new(watermarks::Gate::new(config.reply_deadline_max_wait));
+    supervisor.spawn(
+        "reply-watermarks",
+        watermarks::run(
+            pool.clone(),
+            progress.clone(),
+            Arc::new(kafka::reader(&config.kafka, "saga-orchestrator-watermarks")?),
+            replies_topic.clone(),
+            gate.clone(),
+            shutdown.clone(),
+        ),
+    );
     supervisor.spawn(
         "timers",
-        timers::run(pool.clone(), engine.clone(), config.timer_interval, config.timer_batch_size, shutdown.clone()),
+        timers::run(
+            pool.clone(),
+            engine.clone(),
+            gate,
+            config.timer_interval,
+            config.timer_batch_size,
+            shutdown.clone(),
+        ),
     );
     let admission =
         Arc::new(admission::Admission::new(config.max_in_flight.clone(), registry.all().map(|d| d.name.to_string())));
@@ -173,7 +197,7 @@ async fn serve(config: Config, registry: Arc<Registry>) -> anyhow::Result<()> {
     let consumer_shutdown = shutdown.clone();
     let (kafka_config, group) = (config.kafka.clone(), config.kafka_group_id.clone());
     supervisor.spawn("consumer", async move {
-        let remake = || kafka::consumer(&kafka_config, &group, &subscription);
+        let remake = || kafka::consumer_with_progress(&kafka_config, &group, &subscription, Some(progress.clone()));
         consumer::run(consumer, remake, settings, &inbound, consumer_shutdown).await;
     });
 

@@ -528,12 +528,18 @@ pub(crate) async fn repair_wakeups(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
 /// that a step's update of the saga row is a HOT update; the row's own wake_at is checked again
 /// once it is locked, so a stale wake-up cannot act early.
 pub(crate) const CLAIM_DUE: &str = "SELECT s.id FROM saga_wakeups w JOIN saga_instances s ON s.id = w.saga_id
-     WHERE w.wake_at <= $1 AND s.wake_at <= $1
+     WHERE w.wake_at <= $1 AND s.wake_at <= $1 AND (s.waiting <> 'REPLY' OR s.wake_at <= $3)
      ORDER BY w.wake_at LIMIT $2 FOR UPDATE OF s SKIP LOCKED";
 
-/// Locks up to `limit` sagas whose wake-up time has passed, skipping those another replica holds.
-pub(crate) async fn claim_due(conn: &mut PgConnection, now: DateTime<Utc>, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(CLAIM_DUE).bind(now).bind(limit).fetch_all(conn).await
+/// Locks up to `limit` sagas whose wake-up time has passed, skipping those another replica holds:
+/// a backoff that ended by `now`, a reply deadline that passed by `reply_cutoff` (ADR 29).
+pub(crate) async fn claim_due(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    reply_cutoff: DateTime<Utc>,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(CLAIM_DUE).bind(now).bind(limit).bind(reply_cutoff).fetch_all(conn).await
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -1053,6 +1059,7 @@ mod plan_tests {
         let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {CLAIM_DUE}"))
             .bind(now)
             .bind(200i64)
+            .bind(now - chrono::TimeDelta::seconds(2))
             .fetch_all(&mut conn)
             .await
             .unwrap();
@@ -1222,7 +1229,8 @@ mod wakeup_tests {
         conn.execute("UPDATE saga_wakeups SET wake_at = now() - interval '1 hour' WHERE saga_id = md5('16')::uuid")
             .await
             .unwrap();
-        let mut due = claim_due(&mut conn, Utc::now(), 100).await.unwrap();
+        let now = Utc::now();
+        let mut due = claim_due(&mut conn, now, now, 100).await.unwrap();
         due.sort();
         let mut expected: Vec<Uuid> =
             sqlx::query_scalar("SELECT id FROM saga_instances WHERE wake_at <= now() ORDER BY id")
@@ -1249,6 +1257,46 @@ mod wakeup_tests {
         assert_eq!(repair_wakeups(&pool).await.unwrap(), 0);
 
         pool.close().await;
+        drop(conn);
+        scratch::drop(&name).await;
+    }
+
+    /// ADR 29: a reply deadline is claimed only once it is not later than the reply cutoff; a
+    /// backoff is claimed at its time whatever the cutoff.
+    #[tokio::test]
+    async fn reply_deadlines_wait_for_the_cutoff_and_backoffs_do_not() {
+        let (mut conn, name) = scratch::database("claim_cutoff").await;
+        conn.execute(
+            "INSERT INTO saga_instances (id, saga_type, definition_version, idempotency_key, request_hash, input,
+                 status, step_index, step_name, step_kind, attempt, waiting, wake_at)
+             VALUES (md5('reply-10')::uuid, 'order-fulfilment', 1, 'a', 'h', '{}', 'RUNNING', 1, 's', 'ACTION', 1,
+                     'REPLY', now() - interval '10 seconds'),
+                    (md5('reply-60')::uuid, 'order-fulfilment', 1, 'b', 'h', '{}', 'RUNNING', 1, 's', 'ACTION', 1,
+                     'REPLY', now() - interval '60 seconds'),
+                    (md5('retry-10')::uuid, 'order-fulfilment', 1, 'c', 'h', '{}', 'COMPENSATING', 1, 's', 'COMPENSATION',
+                     2, 'RETRY', now() - interval '10 seconds'),
+                    (md5('reply-later')::uuid, 'order-fulfilment', 1, 'd', 'h', '{}', 'RUNNING', 1, 's', 'ACTION', 1,
+                     'REPLY', now() + interval '60 seconds')",
+        )
+        .await
+        .unwrap();
+        // The sagas by idempotency key: a and b wait for a reply (deadlines 10 s and 60 s ago), c
+        // for the end of a backoff (10 s ago), d for a reply due in a minute.
+        let by_key = |keys: &'static [&'static str]| {
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM saga_instances WHERE idempotency_key = ANY($1) ORDER BY id")
+                .bind(keys)
+        };
+        let now = Utc::now();
+        for (cutoff, keys) in [
+            (now - chrono::TimeDelta::seconds(30), &["b", "c"][..]),
+            (now - chrono::TimeDelta::hours(1), &["c"][..]),
+            (now, &["a", "b", "c"][..]),
+        ] {
+            // Each claim is a statement of its own: its locks end with it.
+            let mut due = claim_due(&mut conn, now, cutoff, 100).await.unwrap();
+            due.sort();
+            assert_eq!(due, by_key(keys).fetch_all(&mut conn).await.unwrap(), "cutoff {cutoff}");
+        }
         drop(conn);
         scratch::drop(&name).await;
     }

@@ -16,11 +16,14 @@ use crate::store;
 /// How often the timer loop checks that `saga_wakeups` matches `saga_instances.wake_at` (ADR 21).
 const REPAIR_EVERY: Duration = Duration::from_secs(60);
 
-/// Handles due sagas until `shutdown`. Claims use `FOR UPDATE SKIP LOCKED`, so replicas share the
+/// Handles due sagas until `shutdown`: those whose backoff has ended, and those whose reply
+/// deadline has passed and is not later than what `gate` says the replies are applied up to (ADR
+/// 29). Claims use `FOR UPDATE SKIP LOCKED`, so replicas share the
 /// work without acting on one saga twice, and a restarted orchestrator resumes the stored timers.
 pub(crate) async fn run(
     pool: PgPool,
     engine: Arc<Engine>,
+    gate: Arc<crate::watermarks::Gate>,
     interval: Duration,
     batch: i64,
     shutdown: CancellationToken,
@@ -38,7 +41,7 @@ pub(crate) async fn run(
                 Err(error) => tracing::error!(%error, "repairing saga_wakeups"),
             }
         }
-        let handled = match tick(&pool, &engine, batch).await {
+        let handled = match tick(&pool, &engine, &gate, batch).await {
             Ok(handled) => handled,
             Err(error) => {
                 tracing::error!(error = format!("{error:#}"), "timer loop");
@@ -59,9 +62,10 @@ pub(crate) async fn run(
 /// that cannot be processed is rolled back alone and parked (`NEEDS_ATTENTION`,
 /// `UNPROCESSABLE_SAGA`), and the others go on. Only an error of the database itself (it does not
 /// answer) fails the batch, to be tried again.
-async fn tick(pool: &PgPool, engine: &Engine, batch: i64) -> anyhow::Result<usize> {
+async fn tick(pool: &PgPool, engine: &Engine, gate: &crate::watermarks::Gate, batch: i64) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let due = store::claim_due(&mut tx, Utc::now(), batch).await?;
+    let now = Utc::now();
+    let due = store::claim_due(&mut tx, now, gate.reply_cutoff(now), batch).await?;
     let mut effects = Effects::default();
     for id in &due {
         let mut item = Effects::default();

@@ -218,6 +218,8 @@ struct Process {
 pub struct TopicMessage {
     pub partition: i32,
     pub offset: i64,
+    /// Its Kafka timestamp (the producer's, or the broker's append with `LogAppendTime`).
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub key: Option<String>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, String)>,
@@ -602,6 +604,7 @@ impl System {
                     out.push(TopicMessage {
                         partition: message.partition(),
                         offset: message.offset(),
+                        timestamp: message.timestamp().to_millis().and_then(chrono::DateTime::from_timestamp_millis),
                         key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                         payload: message.payload().map(<[u8]>::to_vec),
                         headers,

@@ -68,15 +68,20 @@ async fn crash_scenario(service: &'static str, crash_point: &str, every: u32) ->
     }
     system.wait_ready(service, Duration::from_secs(60)).await?;
     let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
-    let timed_out: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_step_attempts WHERE status = 'TIMED_OUT'")
-        .fetch_one(&system.pool("orchestrator").await?)
-        .await?;
-    eprintln!("{crash_point}: {} crash(es); {timed_out} timed-out attempts; {report}", restarts.load(Ordering::SeqCst));
+    let (timed_out, spurious) = spurious_timeouts(&system).await?;
+    eprintln!(
+        "{crash_point}: {} crash(es); {timed_out} timed-out attempts, {} of them answered in time; {report}",
+        restarts.load(Ordering::SeqCst),
+        spurious.len()
+    );
     assert!(
         restarts.load(Ordering::SeqCst) >= 1,
         "the crash point {crash_point} never fired: the scenario tested nothing"
     );
     report.assert_clean()?;
+    // A reply on the topic well before its deadline waited for a consumer (a rebalance after the
+    // crash), it was not late: its step must not have timed out (ADR 29).
+    assert!(spurious.is_empty(), "steps timed out although their reply was on the topic in time: {spurious:?}");
     if service == "orchestrator" && crash_point.starts_with("outbox.") {
         // Its commands have no outbox row (ADR 28): those the crashed process held were made
         // again by the process that adopted its lapsed registration, not left to their deadline.
@@ -90,6 +95,43 @@ async fn crash_scenario(service: &'static str, crash_point: &str, every: u32) ->
         assert!(adopted >= 1, "no crashed process's commands were adopted: the lease recovered nothing");
     }
     system.stop().await
+}
+
+/// The timed-out attempts, and those of them whose reply was on the replies topic a second or
+/// more before the attempt's deadline (saga, step, kind, attempt).
+async fn spurious_timeouts(system: &System) -> anyhow::Result<(usize, Vec<(uuid::Uuid, String, String, i32)>)> {
+    type Attempt = (uuid::Uuid, String, String, i32, chrono::DateTime<chrono::Utc>);
+    let timed_out: Vec<Attempt> = sqlx::query_as(
+        "SELECT saga_id, step_name, kind, attempt, deadline_at FROM saga_step_attempts WHERE status = 'TIMED_OUT'",
+    )
+    .fetch_all(&system.pool("orchestrator").await?)
+    .await?;
+    if timed_out.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let mut answered = std::collections::BTreeMap::new();
+    for reply in system.read_topic("saga-replies").await? {
+        let (Some(at), Some(payload)) = (reply.timestamp, reply.payload.as_deref()) else { continue };
+        let Ok(reply) = serde_json::from_slice::<Value>(payload) else { continue };
+        let key = (
+            reply["saga_id"].as_str().and_then(|s| s.parse::<uuid::Uuid>().ok()),
+            reply["step"].as_str().map(str::to_owned),
+            reply["kind"].as_str().map(str::to_owned),
+            reply["attempt"].as_i64(),
+        );
+        let first = answered.entry(key).or_insert(at);
+        *first = (*first).min(at);
+    }
+    let spurious = timed_out
+        .iter()
+        .filter(|(saga, step, kind, attempt, deadline)| {
+            answered
+                .get(&(Some(*saga), Some(step.clone()), Some(kind.clone()), Some(i64::from(*attempt))))
+                .is_some_and(|at| *at <= *deadline - chrono::TimeDelta::seconds(1))
+        })
+        .map(|(saga, step, kind, attempt, _)| (*saga, step.clone(), kind.clone(), *attempt))
+        .collect();
+    Ok((timed_out.len(), spurious))
 }
 
 #[tokio::test]

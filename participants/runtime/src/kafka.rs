@@ -2,7 +2,7 @@
 //! so every librdkafka setting can be overridden.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -18,6 +18,7 @@ use rdkafka::TopicPartitionList;
 use secrecy::ExposeSecret;
 
 use crate::config::KafkaConfig;
+use crate::progress::Progress;
 
 fn base(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
@@ -68,11 +69,13 @@ pub struct LagContext {
     reported: Mutex<BTreeSet<(String, i32)>>,
     /// What the last statistics report said of this member's place in its group.
     report: Mutex<Option<GroupReport>>,
+    /// Where each report goes to tell how far the partitions are applied, if anywhere.
+    progress: Option<Arc<Progress>>,
 }
 
 impl LagContext {
-    fn new(group: &str) -> Self {
-        Self { group: group.to_owned(), reported: Mutex::new(BTreeSet::new()), report: Mutex::new(None) }
+    fn new(group: &str, progress: Option<Arc<Progress>>) -> Self {
+        Self { group: group.to_owned(), reported: Mutex::new(BTreeSet::new()), report: Mutex::new(None), progress }
     }
 
     /// The last statistics report's view of this member in its group (none before the first).
@@ -156,6 +159,9 @@ fn lag_samples(report: Vec<PartitionReport>, reported: &mut BTreeSet<(String, i3
 impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
         self.record_group_report(&statistics);
+        if let Some(progress) = &self.progress {
+            progress.observe(&statistics, chrono::Utc::now());
+        }
         let samples =
             lag_samples(partition_reports(&statistics), &mut self.reported.lock().unwrap_or_else(|e| e.into_inner()));
         for (topic, partition, lag) in samples {
@@ -197,6 +203,18 @@ pub type GroupConsumer = StreamConsumer<LagContext>;
 /// caller stores an offset after the transaction that applied the message has committed, and the
 /// stored offsets are committed in the background.
 pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Result<GroupConsumer, KafkaError> {
+    consumer_with_progress(config, group_id, topics, None)
+}
+
+/// [`consumer`], whose statistics reports also go to `progress`, every second unless
+/// `statistics.interval.ms` says otherwise: the time a partition is known to be applied up to lags
+/// its reports by about one interval.
+pub fn consumer_with_progress(
+    config: &KafkaConfig,
+    group_id: &str,
+    topics: &[String],
+    progress: Option<Arc<Progress>>,
+) -> Result<GroupConsumer, KafkaError> {
     let mut client = base(config);
     client
         .set("group.id", group_id)
@@ -205,13 +223,13 @@ pub fn consumer(config: &KafkaConfig, group_id: &str, topics: &[String]) -> Resu
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", if progress.is_some() { "1000" } else { "5000" });
     if !uses_consumer_group_protocol(config) {
         // Under the classic protocol a rebalance moves only the partitions that change hands.
         client.set("partition.assignment.strategy", "cooperative-sticky");
     }
     set_all(&mut client, &config.kafka_consumer_properties);
-    let consumer: GroupConsumer = client.create_with_context(LagContext::new(group_id))?;
+    let consumer: GroupConsumer = client.create_with_context(LagContext::new(group_id, progress))?;
     await_topics(consumer.client(), topics, TOPICS_VISIBLE_WITHIN)?;
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

@@ -30,6 +30,7 @@ pub mod kafka;
 pub mod openapi;
 pub mod outbox;
 pub mod participant;
+pub mod progress;
 pub mod retention;
 pub mod shutdown;
 pub mod supervisor;

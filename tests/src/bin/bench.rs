@@ -527,9 +527,19 @@ fn machine() -> Value {
     })
 }
 
+/// The local Postgres's Unix socket, where Debian's server listens.
+const LOCAL_SOCKET: &str = "/var/run/postgresql/.s.PGSQL.5432";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // As scripts/bench does (scripts/lib.sh `local_postgres_url`): the local server's Unix socket
+    // when it is there, so that a run of this binary on its own (an A/B of two builds) measures
+    // what scripts/bench measures, not TCP with TLS (which the sixth session's pairs did unawares).
+    if std::env::var_os("TEST_POSTGRES_URL").is_none() && std::path::Path::new(LOCAL_SOCKET).exists() {
+        std::env::set_var("TEST_POSTGRES_URL", "postgres://postgres@localhost:5432?host=/var/run/postgresql");
+    }
+    eprintln!("Postgres: {}", saga_e2e::postgres_url(""));
     let mut options = Options::default();
     for setting in &args.env {
         let (name, value) = setting.split_once('=').context("--env takes NAME=VALUE or SERVICE:NAME=VALUE")?;

@@ -453,4 +453,68 @@ mod tests {
         pool.close().await;
         scratch::drop(&name).await;
     }
+
+    /// A measurement, not a check of speed: what the consumer's handler costs per batch of
+    /// replies, on the local Postgres without a broker or participants (so that a change of the
+    /// batch's statements can be compared in minutes, with a fraction of the system benchmark's
+    /// spread). `MEASURE_SAGAS` sagas (default 2,000) are started, then taken through their five
+    /// steps in batches of `MEASURE_BATCH` replies (default 8); prints the batches' p50, p90, p99
+    /// and mean. Run it release-built (docs/performance.md):
+    /// `cargo test --release -p saga-orchestrator --bin saga-orchestrator measure_batches -- --ignored --nocapture`
+    #[tokio::test]
+    #[ignore = "a measurement: run it on its own, release-built"]
+    async fn measure_batches() {
+        let setting = |name: &str, default: usize| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(default)
+        };
+        let (sagas, size) = (setting("MEASURE_SAGAS", 2000), setting("MEASURE_BATCH", 8));
+        let (inbound, pool, name) = inbound("measure").await;
+        let ids: Vec<uuid::Uuid> = (0..sagas).map(|_| uuid::Uuid::now_v7()).collect();
+        let mut offset = 0;
+        let mut next = || {
+            offset += 1;
+            offset
+        };
+        for chunk in ids.chunks(size) {
+            let records: Vec<Record> = chunk.iter().map(|id| start_record(*id, next())).collect();
+            inbound.handle(&records).await.unwrap();
+        }
+        let steps = [
+            ("verify_order", "order"),
+            ("reserve_inventory", "inventory"),
+            ("charge_payment", "payment"),
+            ("create_shipment", "fulfilment"),
+            ("approve_order", "order"),
+        ];
+        let mut times = Vec::new();
+        let all = std::time::Instant::now();
+        for (step, participant) in steps {
+            for chunk in ids.chunks(size) {
+                let records: Vec<Record> =
+                    chunk.iter().map(|id| success_reply(*id, step, participant, next())).collect();
+                let started = std::time::Instant::now();
+                inbound.handle(&records).await.unwrap();
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let seconds = all.elapsed().as_secs_f64();
+        let completed: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_instances WHERE status = 'COMPLETED'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(completed, sagas as i64, "every saga went through its five steps");
+        times.sort_by(f64::total_cmp);
+        let quantile = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "{sagas} sagas, batches of {size} replies: {} batches, p50 {:.2} ms, p90 {:.2}, p99 {:.2}, mean {:.2}; {:.0} replies/s",
+            times.len(),
+            quantile(0.5),
+            quantile(0.9),
+            quantile(0.99),
+            times.iter().sum::<f64>() / times.len() as f64,
+            (sagas * steps.len()) as f64 / seconds
+        );
+        pool.close().await;
+        scratch::drop(&name).await;
+    }
 }

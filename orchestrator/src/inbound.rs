@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use crate::admission::Admission;
 use crate::engine::{ApplyError, Effects, Engine, PreparedStart, StartError};
 use crate::store::{self, NewSaga};
-use crate::writes::Writes;
+use crate::writes::{Writes, BEGIN_BATCH};
 
 /// The name on the orchestrator's dead letters.
 const SERVICE: &str = "saga-orchestrator";
@@ -91,7 +91,7 @@ impl Inbound {
 impl BatchHandler for Inbound {
     async fn handle(&self, records: &[Record]) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_BATCH).await?;
         let mut effects = Effects::default();
         let mut dead = Vec::new();
         let parsed: Vec<Result<Message, Reason>> = records.iter().map(|r| self.parse(r)).collect();
@@ -469,6 +469,10 @@ mod tests {
         };
         let (sagas, size) = (setting("MEASURE_SAGAS", 2000), setting("MEASURE_BATCH", 8));
         let (inbound, pool, name) = inbound("measure").await;
+        // An experiment's change to the scratch database (DDL: a dropped constraint or trigger).
+        if let Ok(sql) = std::env::var("MEASURE_SQL") {
+            sqlx::raw_sql(&sql).execute(&pool).await.expect("MEASURE_SQL runs");
+        }
         let ids: Vec<uuid::Uuid> = (0..sagas).map(|_| uuid::Uuid::now_v7()).collect();
         let mut offset = 0;
         let mut next = || {

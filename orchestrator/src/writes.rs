@@ -23,6 +23,20 @@ use uuid::Uuid;
 
 use crate::store::{self, HistoryEntry, SagaRow, StoredJson, SAGA_COLUMNS};
 
+/// How a consumed batch's transaction begins (one round trip): its statements are prepared once
+/// per connection with a generic plan made for keyed access, whatever the tables' size and
+/// statistics when the plan is made (a plan cached on a fresh deployment's tables of a page or
+/// two would scan them whole until their first ANALYZE).
+/// `a_batch_reads_and_writes_by_key_on_tables_that_grew_since_its_first_calls` fails without the
+/// `enable_*` settings. Planned at each call instead (until 2026-12-05), parsing and planning were
+/// about half of Postgres's CPU for a batch of one reply; the handler alone now runs a batch of
+/// one reply in 3.3–3.7 ms (p50) instead of 5.1–6.8, of eight in 5.5–6.2 instead of 7.5–9.6
+/// (`measure_batches`; docs/performance.md, ADR 18). The settings last until the transaction
+/// ends and reach all it runs, the triggers' statements and the foreign keys' checks included:
+/// every one of them goes by key, or by a transition table scanned once (migration 1013).
+pub(crate) const BEGIN_BATCH: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+     SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
 /// An attempt's identity: saga, step, kind, attempt.
 type AttemptKey = (Uuid, String, &'static str, i32);
 
@@ -82,7 +96,8 @@ impl<'c> Writes<'c> {
 
     /// Reads come from the rows locked for the batch; writes wait for [`Writes::flush`]. With
     /// `handoff`, the outbox rows `flush` writes are returned to hand to the relay after commit;
-    /// with a `relay` registration too, the commands are returned without rows (ADR 28).
+    /// with a `relay` registration too, the commands are returned without rows (ADR 28). The
+    /// transaction `conn` is in began with [`BEGIN_BATCH`].
     pub(crate) fn batched(conn: &'c mut PgConnection, handoff: bool, relay: Option<i64>) -> Self {
         Self { conn, batch: Some(Batch::default()), handoff, relay: relay.filter(|_| handoff) }
     }
@@ -97,15 +112,11 @@ impl<'c> Writes<'c> {
         if wanted.is_empty() {
             return Ok(());
         }
-        // Planned at each call (unprepared), as are the batch's updates below: a plan cached while
-        // the tables were nearly empty (a fresh deployment's first batches) scanned them whole
-        // until their first ANALYZE (the test `a_batch_reads_and_writes_by_key_on_tables_...`).
-        // A generic plan forced to keyed access saved the planning and cost throughput at
-        // saturation (docs/performance.md, 2026-12-04).
+        // Prepared, with the generic plan for keyed access that `BEGIN_BATCH` asks for, as are
+        // the batch's writes below.
         let rows: Vec<SagaRow> = sqlx::query_as(&format!(
             "SELECT {SAGA_COLUMNS} FROM saga_instances WHERE id = ANY($1) ORDER BY id FOR UPDATE"
         ))
-        .persistent(false)
         .bind(&wanted)
         .fetch_all(&mut *self.conn)
         .await?;
@@ -113,7 +124,6 @@ impl<'c> Writes<'c> {
             "SELECT saga_id, step_name, kind, attempt, started_at FROM saga_step_attempts
              WHERE saga_id = ANY($1) AND status = 'PENDING'",
         )
-        .persistent(false)
         .bind(&wanted)
         .fetch_all(&mut *self.conn)
         .await?;
@@ -344,9 +354,7 @@ impl<'c> Writes<'c> {
                 if relay.is_some() { "EXISTS (SELECT FROM relay)" } else { "false" }
             );
             let (sql, params) = first.statement(&main);
-            // Planned at each call (unprepared), as the batch's reads are.
-            let (updated, relay_held): (i64, bool) =
-                params.query_as(&sql).persistent(false).fetch_one(&mut *conn).await?;
+            let (updated, relay_held): (i64, bool) = params.query_as(&sql).fetch_one(&mut *conn).await?;
             if updated != updates.len() as i64 {
                 // Rows locked by this transaction cannot have moved: something else wrote them.
                 return Err(sqlx::Error::Protocol(format!(
@@ -360,7 +368,7 @@ impl<'c> Writes<'c> {
         if !finished_after.is_empty() {
             let mut params = Params::default();
             let sql = finish_attempts(&mut params, &finished_after)?;
-            params.query(&sql).persistent(false).execute(&mut *conn).await?;
+            params.query(&sql).execute(&mut *conn).await?;
         }
 
         let history = std::mem::take(&mut batch.history);
@@ -561,7 +569,7 @@ mod tests {
             failure: None,
             attention: None,
         };
-        let mut tx = conn.begin().await.unwrap();
+        let mut tx = conn.begin_with(BEGIN_BATCH).await.unwrap();
         let before = rows_read(&mut tx, "saga_instances").await;
         let mut writer = Writes::batched(&mut tx, false, None);
         writer.prefetch(ids).await.unwrap();
@@ -624,9 +632,10 @@ mod tests {
     /// page or two) would stay until the tables' first ANALYZE, about a minute of full load later,
     /// while every batch scans tables growing by thousands of rows a second (the first minute of
     /// `scripts/bench`: the batch's statements took 4–10 ms a call instead of 0.5–1.5). The
-    /// batch's reads and updates of existing rows are planned at each call, for the tables as they
-    /// are, and read the sagas they touch. (Prepared, with the plan cache's default mode, the
-    /// last batch reads 60,000 rows of `saga_instances` to touch 25: checked on 2026-12-04.)
+    /// batch's statements, prepared under [`BEGIN_BATCH`], are planned once for keyed access and
+    /// read the sagas they touch. (Prepared under the plan cache's default mode, the last batch
+    /// reads 60,000 rows of `saga_instances` to touch 25: checked on 2026-12-04; without the
+    /// `enable_*` settings of `BEGIN_BATCH`, 60,091: checked on 2026-12-05.)
     #[tokio::test]
     async fn a_batch_reads_and_writes_by_key_on_tables_that_grew_since_its_first_calls() {
         let (mut conn, name) = scratch::database_with_outbox("replan").await;
@@ -697,7 +706,7 @@ mod tests {
         let url = scratch::url(&name);
         let batch = tokio::spawn(async move {
             let mut conn = PgConnection::connect(&url).await.unwrap();
-            let mut tx = conn.begin().await.unwrap();
+            let mut tx = conn.begin_with(BEGIN_BATCH).await.unwrap();
             let mut writer = Writes::batched(&mut tx, false, None);
             writer.prefetch(&[id]).await.unwrap();
             let read = writer.batch.take().unwrap();

@@ -459,7 +459,8 @@ mod tests {
     /// batch's statements can be compared in minutes, with a fraction of the system benchmark's
     /// spread). `MEASURE_SAGAS` sagas (default 2,000) are started, then taken through their
     /// steps in batches of `MEASURE_BATCH` replies (default 8); prints the batches' p50, p90, p99
-    /// and mean. Run it release-built (docs/performance.md):
+    /// and mean. `MEASURE_SQL` (DDL: a constraint or trigger dropped) is run on the scratch
+    /// database first, for an experiment. Run it release-built (docs/performance.md):
     /// `cargo test --release -p saga-orchestrator --bin saga-orchestrator measure_batches -- --ignored --nocapture`
     #[tokio::test]
     #[ignore = "a measurement: run it on its own, release-built"]

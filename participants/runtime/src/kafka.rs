@@ -513,6 +513,27 @@ pub fn reader(config: &KafkaConfig, client_id: &str) -> Result<rdkafka::consumer
 mod tests {
     use super::*;
 
+    /// Every producer's polling thread polls in windows of 100 ms. rdkafka 0.39 rounded the last
+    /// part of a millisecond of a window down to no wait at all, and spun through it: a hundredth
+    /// of a core per producer, idle or not (vendor/rdkafka/PATCHED.md). The patched copy waits.
+    #[test]
+    fn a_poll_waits_through_the_last_part_of_a_millisecond_instead_of_spinning() {
+        let producer: rdkafka::producer::BaseProducer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", "127.0.0.1:1").create().unwrap();
+        // This thread's time on a CPU, in nanoseconds (Linux).
+        let on_cpu = || -> u64 {
+            let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("Linux's schedstat");
+            stat.split_whitespace().next().and_then(|ns| ns.parse().ok()).expect("nanoseconds on a CPU")
+        };
+        let before = on_cpu();
+        for _ in 0..200 {
+            producer.poll(Duration::from_micros(900));
+        }
+        let spent = Duration::from_nanos(on_cpu() - before);
+        // Spinning, 200 polls of 0.9 ms take ~180 ms of CPU; waiting, a few.
+        assert!(spent < Duration::from_millis(60), "200 polls of 0.9 ms took {spent:?} of CPU");
+    }
+
     #[test]
     fn refused_settings_are_told_apart_from_a_broker_that_is_away() {
         let refused = [

@@ -59,8 +59,7 @@ impl Deadline {
 
     #[allow(dead_code)]
     pub(crate) fn remaining_millis_i32(&self) -> i32 {
-        // Patched (vendor/rdkafka/PATCHED.md): a part of a millisecond counts as one.
-        Timeout::After(cmp::min(Deadline::MAX_FLUSH_DURATION, self.remaining())).as_millis()
+        cmp::min(Deadline::MAX_FLUSH_DURATION, self.remaining()).as_millis() as i32
     }
 
     pub(crate) fn elapsed(&self) -> bool {

@@ -24,6 +24,11 @@ pub struct Usage {
     /// Resident memory now; for Postgres the proportional set size of all its processes (shared
     /// buffers counted once).
     pub memory_bytes: u64,
+    /// Of the CPU seconds, those of a JVM's JIT compiler threads (none for other processes). A
+    /// broker's JIT compiles its hot paths for minutes after it starts, on the cores the system
+    /// under test uses: on 2026-12-06 it was a third to a half of the broker's CPU for the first
+    /// two to three minutes at 60 orders/s (docs/performance.md).
+    pub jit_cpu_seconds: Option<f64>,
 }
 
 fn ticks() -> f64 {
@@ -38,7 +43,37 @@ fn usage_of(pid: i32) -> anyhow::Result<Usage> {
     Ok(Usage {
         cpu_seconds: (stat.utime + stat.stime) as f64 / ticks(),
         memory_bytes: status.vmrss.unwrap_or(0) * 1024,
+        jit_cpu_seconds: jit_cpu_seconds(&process),
     })
+}
+
+/// Whether a thread's name (`comm`, 15 bytes at most) is one of HotSpot's JIT compiler threads
+/// ("C2 CompilerThread0" reads "C2 CompilerThre").
+fn is_jit_thread(comm: &str) -> bool {
+    comm.starts_with("C1 CompilerThre") || comm.starts_with("C2 CompilerThre")
+}
+
+/// The CPU seconds of a process's JIT compiler threads, if it has any (a HotSpot JVM). Counts
+/// the threads alive now: a compiler thread the JVM retired took its time with it (HotSpot
+/// keeps at least one of each kind, and on two cores it has no more).
+fn jit_cpu_seconds(process: &Process) -> Option<f64> {
+    let mut jit = None;
+    for task in process.tasks().ok()?.flatten() {
+        if let Ok(stat) = task.stat() {
+            if is_jit_thread(&stat.comm) {
+                *jit.get_or_insert(0.0) += (stat.utime + stat.stime) as f64 / ticks();
+            }
+        }
+    }
+    jit
+}
+
+/// The seconds since a process started.
+pub fn uptime_seconds(pid: i32) -> Option<f64> {
+    use procfs::Current as _;
+    let start = Process::new(pid).ok()?.stat().ok()?.starttime;
+    let boot = procfs::Uptime::current().ok()?.uptime;
+    Some(boot - start as f64 / ticks())
 }
 
 /// Postgres as a whole: every `postgres` process (the postmaster, its helpers and the backends);
@@ -288,6 +323,19 @@ pub fn worst_seconds(samples: &[(f64, u64)], p99_micros: u64, keep: usize) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jvms_compiler_threads_are_told_by_their_names() {
+        // /proc/PID/task/TID/comm of HotSpot's threads: 15 bytes of "C2 CompilerThread0".
+        assert!(is_jit_thread("C2 CompilerThre"));
+        assert!(is_jit_thread("C1 CompilerThre"));
+        for other in ["GC Thread#0", "VM Thread", "data-plane-kafk", "java", "C2 Compiler"] {
+            assert!(!is_jit_thread(other), "{other}");
+        }
+        // This test's own process is no JVM: no JIT figure rather than a zero.
+        let me = Process::myself().unwrap();
+        assert_eq!(jit_cpu_seconds(&me), None);
+    }
 
     #[test]
     fn latencies_are_grouped_by_the_second_of_their_schedule_and_the_slow_ones_found() {

@@ -96,6 +96,13 @@ struct Args {
     /// or more when comparing two builds at a first rate.
     #[arg(long, default_value_t = 5.0)]
     warm_up_seconds: f64,
+    /// After the warm-up, at most this many more seconds of it, in 20 s rounds, until the
+    /// broker's JIT compiler takes less than a tenth of its CPU in a round. A broker started a
+    /// minute before spends a third to a half of its CPU compiling, for two to three minutes at
+    /// 60 orders/s (docs/performance.md, 2026-12-06); a run on it measures its compiler. 0: no
+    /// such wait (a run on a cold broker then says so).
+    #[arg(long, default_value_t = 300.0)]
+    broker_warm_up_max_seconds: f64,
 }
 
 /// Everything counted at one moment.
@@ -149,6 +156,35 @@ impl Bench {
         })
     }
 
+    /// Warms the system at 50 orders/s in rounds of 20 s while the broker's JIT compiler takes
+    /// more than [`COLD_BROKER_JIT_SHARE`] of its CPU, for at most `max_seconds` of rounds.
+    /// `warm_up` is the run before, if any: a broker it found warm needs no round.
+    async fn warm_the_broker(&self, warm_up: Option<Value>, max_seconds: f64) -> anyhow::Result<()> {
+        const ROUND_SECONDS: f64 = 20.0;
+        let mut last = warm_up;
+        let mut warmed = 0.0;
+        loop {
+            if let Some(run) = &last {
+                let Some(share) = run["processes"]["kafka"]["jit_share"].as_f64() else {
+                    return Ok(()); // no broker on this machine, or no JIT to watch
+                };
+                if share <= COLD_BROKER_JIT_SHARE {
+                    return Ok(());
+                }
+                println!(
+                    "warming the broker: its JIT compiler took {:.0} % of its CPU in the last {:.0} s",
+                    share * 100.0,
+                    run["wall_seconds"].as_f64().unwrap_or(0.0)
+                );
+            }
+            if warmed + ROUND_SECONDS > max_seconds {
+                return Ok(());
+            }
+            last = Some(self.run("broker warm-up", 50.0, ROUND_SECONDS).await?);
+            warmed += ROUND_SECONDS;
+        }
+    }
+
     /// Sagas the orchestrator ended (completed, failed or parked) since it started, from its
     /// counters: the backlog sampled each second costs the system nothing that way (a count in
     /// SQL of the run's ended sagas read 5,700 pages a second by the end of a minute at 300/s,
@@ -171,6 +207,7 @@ impl Bench {
     /// others do, waits until every saga ended, and measures.
     async fn run(&self, label: &str, rate: f64, seconds: f64) -> anyhow::Result<Value> {
         let count = (rate * seconds).round() as usize;
+        let broker_up = self.watched.single.get("kafka").and_then(|pid| bench::uptime_seconds(*pid));
         let before = self.snapshot().await?;
         // Each order's scheduled moment, on the wall clock the database's timestamps use.
         let (started, started_wall) = (Instant::now(), Utc::now());
@@ -297,13 +334,21 @@ impl Bench {
             .usage
             .iter()
             .map(|(name, usage)| {
-                let cpu = usage.cpu_seconds - before.usage.get(name).map_or(0.0, |u| u.cpu_seconds);
-                let process = json!({
+                let earlier = before.usage.get(name);
+                let cpu = usage.cpu_seconds - earlier.map_or(0.0, |u| u.cpu_seconds);
+                let mut process = json!({
                     "cpu_seconds": cpu,
                     "cores": cpu / wall,
                     "cpu_ms_per_saga": cpu * 1000.0 / sagas,
                     "peak_memory_mb": peak.get(name).copied().unwrap_or(usage.memory_bytes) as f64 / 1e6,
                 });
+                // A JVM's JIT compiler threads, within its CPU: a broker still compiling its hot
+                // paths is not the broker of an hour later.
+                if let Some(jit) = usage.jit_cpu_seconds {
+                    let jit = jit - earlier.and_then(|u| u.jit_cpu_seconds).unwrap_or(0.0);
+                    process["jit_cpu_seconds"] = json!(jit);
+                    process["jit_share"] = json!(if cpu > 0.0 { jit / cpu } else { 0.0 });
+                }
                 (name.clone(), process)
             })
             .collect();
@@ -325,6 +370,7 @@ impl Bench {
         let saturated = completed_per_s + failed_per_s < 0.95 * rate || bench::backlog_grows(backlog_slope, rate);
         Ok(json!({
             "label": label,
+            "broker_up_seconds": broker_up,
             "offered_per_s": rate,
             "seconds": seconds,
             "orders": placed.len(),
@@ -454,7 +500,11 @@ fn line(run: &Value) -> String {
             .map(|s| p[*s]["cores"].as_f64().unwrap_or(0.0))
             .sum::<f64>())
         .into()),
-        if run["saturated"].as_bool() == Some(true) { "saturated" } else { "" },
+        [(run["saturated"].as_bool() == Some(true)).then_some("saturated"), cold_broker(run).map(|_| "cold broker"),]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", "),
     )
 }
 
@@ -585,9 +635,9 @@ async fn main() -> anyhow::Result<()> {
         bench.system.run_id
     );
     // A warm-up, measured by nobody (`--warm-up-seconds`).
-    if args.warm_up_seconds > 0.0 {
-        bench.run("warm-up", 50.0, args.warm_up_seconds).await?;
-    }
+    let warm_up =
+        if args.warm_up_seconds > 0.0 { Some(bench.run("warm-up", 50.0, args.warm_up_seconds).await?) } else { None };
+    bench.warm_the_broker(warm_up, args.broker_warm_up_max_seconds).await?;
     if let Some(count) = args.preload {
         return scale(&args, bench, count).await;
     }
@@ -831,8 +881,9 @@ fn print_detail(run: &Value) {
     );
     if let Some(processes) = run["processes"].as_object() {
         for (name, p) in processes {
+            let jit = p["jit_cpu_seconds"].as_f64().map(|jit| format!("  of which JIT {jit:.1} s")).unwrap_or_default();
             println!(
-                "  {:<13} cpu {:>7.1} s ({:.2} cores, {:>5.2} ms/saga)  peak memory {:>7.1} MB",
+                "  {:<13} cpu {:>7.1} s ({:.2} cores, {:>5.2} ms/saga)  peak memory {:>7.1} MB{jit}",
                 name,
                 p["cpu_seconds"].as_f64().unwrap_or(0.0),
                 p["cores"].as_f64().unwrap_or(0.0),
@@ -841,6 +892,32 @@ fn print_detail(run: &Value) {
             );
         }
     }
+    if let Some(warning) = cold_broker(run) {
+        println!("  {warning}");
+    }
+}
+
+/// The share of the broker's CPU its JIT may take in a run before the run says that the broker
+/// was not warm. Warm, it is a few per cent (docs/performance.md, 2026-12-06).
+const COLD_BROKER_JIT_SHARE: f64 = 0.10;
+
+/// A warning when the broker's JIT compiler took more than [`COLD_BROKER_JIT_SHARE`] of its CPU
+/// in the run: a broker started minutes before is still compiling its hot paths, with CPU the
+/// system under test would otherwise have, so the run's figures do not compare with a warm one's.
+fn cold_broker(run: &Value) -> Option<String> {
+    let kafka = &run["processes"]["kafka"];
+    let share = kafka["jit_share"].as_f64()?;
+    (share > COLD_BROKER_JIT_SHARE).then(|| {
+        let up = run["broker_up_seconds"].as_f64().map(|s| format!(", up {s:.0} s at the start")).unwrap_or_default();
+        format!(
+            "warning: the broker's JIT compiler took {:.0} % of its CPU in this run ({:.2} of {:.2} cores{up}): it is \
+             not warm yet, and its figures do not compare with a warm broker's (run longer first, e.g. \
+             --warm-up-seconds 300)",
+            share * 100.0,
+            share * kafka["cores"].as_f64().unwrap_or(0.0),
+            kafka["cores"].as_f64().unwrap_or(0.0),
+        )
+    })
 }
 
 fn git_revision() -> Option<String> {
@@ -1012,4 +1089,33 @@ async fn hold_in_flight(args: &Args, options: Options, hold: usize) -> anyhow::R
         bail!("not every saga ended as its business rule says, or an attempt timed out");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(jit_share: Option<f64>) -> Value {
+        let mut kafka = json!({"cores": 0.7, "cpu_seconds": 35.0});
+        if let Some(share) = jit_share {
+            kafka["jit_share"] = json!(share);
+            kafka["jit_cpu_seconds"] = json!(35.0 * share);
+        }
+        json!({"broker_up_seconds": 130.0, "saturated": false, "processes": {"kafka": kafka}})
+    }
+
+    #[test]
+    fn a_run_says_when_the_brokers_jit_took_a_tenth_of_its_cpu_or_more() {
+        let cold = cold_broker(&run(Some(0.5))).expect("half the broker's CPU in its JIT is a cold broker");
+        assert!(cold.contains("50 %") && cold.contains("0.35 of 0.70 cores") && cold.contains("up 130 s"), "{cold}");
+        assert!(line(&run(Some(0.5))).ends_with("cold broker"), "{}", line(&run(Some(0.5))));
+        // Warm: a few per cent (6 % four runs after a start, docs/performance.md).
+        assert_eq!(cold_broker(&run(Some(0.06))), None);
+        assert!(!line(&run(Some(0.06))).contains("cold"));
+        // No JIT figure (no broker on this machine, or not a HotSpot JVM): nothing said.
+        assert_eq!(cold_broker(&run(None)), None);
+        let mut both = run(Some(0.2));
+        both["saturated"] = json!(true);
+        assert!(line(&both).ends_with("saturated, cold broker"), "{}", line(&both));
+    }
 }

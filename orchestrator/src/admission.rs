@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use metrics::gauge;
+use saga_runtime::failures::{Failures, Severity};
 use saga_runtime::CancellationToken;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -207,9 +208,11 @@ impl Admission {
     /// Reads the counts every [`REFRESH`] until shutdown. While the database does not answer,
     /// the last counts stand.
     pub(crate) async fn run(self: std::sync::Arc<Self>, pool: PgPool, shutdown: CancellationToken) {
+        let mut failures = Failures::new("admission", Severity::Warn);
         loop {
-            if let Err(error) = self.refresh(&pool).await {
-                tracing::debug!(%error, "counting the sagas in flight");
+            match self.refresh(&pool).await {
+                Ok(()) => failures.succeeded("counting the sagas in flight"),
+                Err(error) => failures.failed("counting the sagas in flight", &error),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,

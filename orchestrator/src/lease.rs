@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter};
+use saga_runtime::failures::{Failures, Severity};
 use saga_runtime::outbox;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -74,8 +75,9 @@ pub(crate) async fn register(pool: &PgPool) -> sqlx::Result<i64> {
 }
 
 /// Renews the registration `id` every third of `lease`, and adopts every registration whose lease
-/// lapsed, until `shutdown`. A failed renewal or adoption is logged and tried again at the next
-/// tick: while Postgres is unreachable no one can adopt anything either.
+/// lapsed, until `shutdown`. A failed renewal or adoption is tried again at the next tick (while
+/// Postgres is unreachable no one can adopt anything either), and logged when the failures
+/// start, once a minute while they last and when they end ([`Failures`]).
 pub(crate) async fn run(
     pool: PgPool,
     engine: std::sync::Arc<Engine>,
@@ -87,19 +89,23 @@ pub(crate) async fn run(
     let every = lease / 3;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = Failures::new("lease", Severity::Warn);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        renew(&pool, id, &host).await;
+        // The round's first failure, if any.
+        let mut failed = renew(&pool, id, &host).await.err();
         let mut renewed = std::time::Instant::now();
         let mut after = None;
         loop {
             // A long adoption (a crashed process held many commands) must not let this
             // process's own lease lapse.
             if renewed.elapsed() >= every {
-                renew(&pool, id, &host).await;
+                if let Err(error) = renew(&pool, id, &host).await {
+                    failed.get_or_insert(error);
+                }
                 renewed = std::time::Instant::now();
             }
             match adopt(&pool, &engine, Which::Lapsed { lease, except: id }, after).await {
@@ -107,18 +113,22 @@ pub(crate) async fn run(
                 Ok(Some(adopted)) => after = adopted.next,
                 Ok(None) => break,
                 Err(error) => {
-                    tracing::warn!(%error, "adopting a lapsed registration");
+                    failed.get_or_insert(format!("adopting a lapsed registration: {error}"));
                     break;
                 }
             }
+        }
+        match failed {
+            None => failures.succeeded("renewing and adopting registrations"),
+            Some(error) => failures.failed("renewing and adopting registrations", &error),
         }
     }
 }
 
 /// Renews the registration `id`, registering it again if it was adopted meanwhile (this process
 /// stalled for a lease): its attempts were taken over, and those it marks from now on are held
-/// again. A failure is logged and counted; the next tick tries again.
-async fn renew(pool: &PgPool, id: i64, host: &str) {
+/// again. A failure is counted and returned; the next tick tries again.
+async fn renew(pool: &PgPool, id: i64, host: &str) -> Result<(), String> {
     let renewed: sqlx::Result<bool> = sqlx::query_scalar(
         "INSERT INTO orchestrator_relays (id, host) VALUES ($1, $2)
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = now() RETURNING xmax = 0",
@@ -132,12 +142,13 @@ async fn renew(pool: &PgPool, id: i64, host: &str) {
             tracing::warn!(
                 relay = id,
                 "this process's registration had been adopted (its lease lapsed); registered again"
-            )
+            );
+            Ok(())
         }
-        Ok(false) => {}
+        Ok(false) => Ok(()),
         Err(error) => {
             counter!(RENEWALS_FAILED).increment(1);
-            tracing::warn!(%error, relay = id, "renewing this process's registration");
+            Err(format!("renewing this process's registration (relay {id}): {error}"))
         }
     }
 }

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use saga_runtime::failures::{Failures, Severity};
 use saga_runtime::CancellationToken;
 use sqlx::{PgConnection, PgPool};
 
@@ -72,15 +73,17 @@ pub(crate) async fn roll_up(pool: &PgPool, limit: i64) -> sqlx::Result<i64> {
 /// is longer than a batch. An error (the database not answering) is logged and counted, and the
 /// next round tries again; the queue keeps what was not counted.
 pub(crate) async fn run(pool: PgPool, interval: Duration, batch: i64, shutdown: CancellationToken) {
+    let mut failures = Failures::new("stats-rollup", Severity::Error);
     while !shutdown.is_cancelled() {
         let taken = match roll_up(&pool, batch).await {
             Ok(taken) => {
                 metrics::counter!(ROLLED_UP).increment(taken as u64);
+                failures.succeeded("saga stats rollup");
                 taken
             }
             Err(error) => {
                 metrics::counter!(ROLLUP_FAILURES).increment(1);
-                tracing::error!(error = format!("{error:#}"), "saga stats rollup");
+                failures.failed("saga stats rollup", &format!("{error:#}"));
                 0
             }
         };

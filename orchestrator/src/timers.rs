@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use metrics::gauge;
+use saga_runtime::failures::{Failures, Severity};
 use saga_runtime::CancellationToken;
 use sqlx::{Acquire, PgPool};
 
@@ -29,6 +30,7 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut repaired_at = tokio::time::Instant::now();
+    let mut failures = Failures::new("timers", Severity::Error);
     while !shutdown.is_cancelled() {
         if repaired_at.elapsed() >= REPAIR_EVERY {
             repaired_at = tokio::time::Instant::now();
@@ -42,9 +44,14 @@ pub(crate) async fn run(
             }
         }
         let handled = match tick(&pool, &engine, &gate, batch).await {
-            Ok(handled) => handled,
+            Ok(handled) => {
+                failures.succeeded("timer loop");
+                handled
+            }
             Err(error) => {
-                tracing::error!(error = format!("{error:#}"), "timer loop");
+                // Each tick while the database is down fails: the first is logged, then one line
+                // a minute (saga_runtime::failures).
+                failures.failed("timer loop", &format!("{error:#}"));
                 0
             }
         };

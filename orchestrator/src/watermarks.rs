@@ -19,6 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use metrics::{describe_gauge, gauge};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use saga_runtime::failures::{Failures, Severity};
 use saga_runtime::progress::Progress;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -94,8 +95,9 @@ fn reply_cutoff(now: DateTime<Utc>, applied_until: Option<DateTime<Utc>>, max_wa
 }
 
 /// Writes this process's progress on `topic` and reads everyone's into `gate`, every second,
-/// until `shutdown`. A failure (the database, the broker) is logged and tried again; meanwhile
-/// the gate keeps its last value, which only makes deadlines wait longer (at most their bound).
+/// until `shutdown`. A failure (the database, the broker) is counted, logged when it starts, once
+/// a minute while it lasts and when it ends ([`Failures`]), and tried again; meanwhile the gate
+/// keeps its last value, which only makes deadlines wait longer (at most their bound).
 pub(crate) async fn run(
     pool: PgPool,
     progress: Arc<Progress>,
@@ -107,23 +109,29 @@ pub(crate) async fn run(
     let host = crate::lease::host();
     let mut partitions: Option<i32> = None;
     let mut counted_at: Option<tokio::time::Instant> = None;
+    // The broker (the topic's partitions) and the database fail apart; each is logged when it
+    // starts failing, once a minute while it does, and when it is back (saga_runtime::failures).
+    let mut broker = Failures::new("reply-watermarks-broker", Severity::Warn);
+    let mut database = Failures::new("reply-watermarks", Severity::Warn);
+    let counting = format!("reading how many partitions {topic} has");
     while !shutdown.is_cancelled() {
         if counted_at.is_none_or(|at| at.elapsed() >= PARTITIONS_EVERY) {
             match count_partitions(reader.clone(), topic.clone()).await {
                 Ok(count) => {
                     partitions = Some(count);
                     counted_at = Some(tokio::time::Instant::now());
+                    broker.succeeded(&counting);
                 }
-                Err(error) => tracing::warn!(%error, %topic, "cannot read how many partitions the replies topic has"),
+                Err(error) => broker.failed(&counting, &error),
             }
         }
         let mine: Vec<(i32, DateTime<Utc>)> =
             progress.complete_until().into_iter().filter(|(t, _, _)| *t == topic).map(|(_, p, at)| (p, at)).collect();
-        if let Err(error) = publish(&pool, &topic, &host, &mine).await {
-            tracing::warn!(%error, "cannot write how far the replies are applied");
-        }
-        if let Some(partitions) = partitions {
-            match read(&pool, &topic, partitions).await {
+        let written =
+            publish(&pool, &topic, &host, &mine).await.map_err(|e| format!("writing how far they are applied: {e}"));
+        let read_back = match partitions {
+            None => Ok(()),
+            Some(partitions) => match read(&pool, &topic, partitions).await {
                 Ok(applied) => {
                     gate.set(applied);
                     let now = Utc::now();
@@ -133,9 +141,14 @@ pub(crate) async fn run(
                         Ok(count) => gauge!(DEADLINES_WAITING).set(count as f64),
                         Err(error) => tracing::debug!(%error, "counting the reply deadlines that wait"),
                     }
+                    Ok(())
                 }
-                Err(error) => tracing::warn!(%error, "cannot read how far the replies are applied"),
-            }
+                Err(error) => Err(format!("reading how far they are applied: {error}")),
+            },
+        };
+        match written.and(read_back) {
+            Ok(()) => database.succeeded("the replies' watermarks"),
+            Err(error) => database.failed("the replies' watermarks", &error),
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -607,6 +607,20 @@ async fn databases_restarted_under_load() -> anyhow::Result<()> {
     let report = faults::check(&system, &placed, &before, &Expect::default()).await?;
     eprintln!("databases restarted: {report}");
     report.assert_clean()?;
+    // The timer loop failed at every tick of the outage (44 error lines in 5 s before
+    // saga_runtime::failures): now its start and its end are logged, and every tick counted.
+    let failed_ticks = system.metric("orchestrator", "saga_background_round_failures_total{task=\"timers\"}").await?;
+    anyhow::ensure!(failed_ticks >= 5.0, "the timer loop counted {failed_ticks} failed ticks in a 5 s outage");
+    let failing = system.metric("orchestrator", "saga_background_failing{task=\"timers\"}").await?;
+    anyhow::ensure!(failing == 0.0, "saga_background_failing{{task=\"timers\"}} is {failing} after the outage");
+    let log = system.log("orchestrator");
+    let lines = |what: &str| log.lines().filter(|line| line.contains(what)).count();
+    let (started, recovered) = (lines("timer loop: failed"), lines("timer loop: recovered"));
+    anyhow::ensure!(
+        (1..=2).contains(&started) && recovered == started && lines("timer loop") == started + recovered,
+        "the timer loop logged {started} starts and {recovered} ends of its failures, {} lines in all, for {failed_ticks} failed ticks",
+        lines("timer loop")
+    );
     system.stop().await
 }
 

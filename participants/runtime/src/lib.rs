@@ -24,6 +24,7 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod dead_letter;
+pub mod failures;
 pub mod faults;
 pub mod health;
 pub mod kafka;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::OutboxConfig;
 use crate::db::Params;
+use crate::failures::{Failures, Severity};
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -505,6 +506,7 @@ pub async fn run_relay(
     let (acknowledged, deletions) = tokio::sync::mpsc::unbounded_channel();
     let deleter = settle(pool.clone(), deletions, config.outbox_delete_linger, shutdown.clone());
     let relay = async move {
+        let mut failures = Failures::new("outbox-relay", Severity::Error);
         while !shutdown.is_cancelled() {
             // A batch waiting on a broker that is gone must not hold up shutdown: dropping it rolls
             // its transaction back, and its rows are published after the restart.
@@ -515,6 +517,7 @@ pub async fn run_relay(
             match published {
                 Ok(n) => {
                     backoff.reset();
+                    failures.succeeded("outbox relay");
                     if n as i64 >= config.outbox_batch_size {
                         continue; // more is waiting
                     }
@@ -522,11 +525,7 @@ pub async fn run_relay(
                 Err(error) => {
                     counter!(PUBLISH_ERRORS).increment(1);
                     let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
-                    tracing::error!(
-                        error = format!("{error:#}"),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "outbox relay"
-                    );
+                    failures.failed("outbox relay", &format!("{error:#} (retrying in {} ms)", delay.as_millis()));
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(delay) => continue,

@@ -39,6 +39,7 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     crate::outbox::describe_metrics();
     crate::consumer::describe_metrics();
     crate::supervisor::describe_metrics();
+    crate::failures::describe_metrics();
     crate::retention::describe_metrics();
     Ok(())
 }

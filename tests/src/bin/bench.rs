@@ -500,7 +500,7 @@ fn line(run: &Value) -> String {
             .map(|s| p[*s]["cores"].as_f64().unwrap_or(0.0))
             .sum::<f64>())
         .into()),
-        [(run["saturated"].as_bool() == Some(true)).then_some("saturated"), cold_broker(run).map(|_| "cold broker"),]
+        [(run["saturated"].as_bool() == Some(true)).then_some("saturated"), cold_broker(run).map(|_| "cold broker")]
             .into_iter()
             .flatten()
             .collect::<Vec<_>>()
@@ -911,8 +911,8 @@ fn cold_broker(run: &Value) -> Option<String> {
         let up = run["broker_up_seconds"].as_f64().map(|s| format!(", up {s:.0} s at the start")).unwrap_or_default();
         format!(
             "warning: the broker's JIT compiler took {:.0} % of its CPU in this run ({:.2} of {:.2} cores{up}): it is \
-             not warm yet, and its figures do not compare with a warm broker's (run longer first, e.g. \
-             --warm-up-seconds 300)",
+             not warm yet, and its figures do not compare with a warm broker's (the benchmark waits for it \
+             --broker-warm-up-max-seconds at most: give more)",
             share * 100.0,
             share * kafka["cores"].as_f64().unwrap_or(0.0),
             kafka["cores"].as_f64().unwrap_or(0.0),
@@ -1105,7 +1105,7 @@ mod tests {
     }
 
     #[test]
-    fn a_run_says_when_the_brokers_jit_took_a_tenth_of_its_cpu_or_more() {
+    fn a_run_says_when_the_brokers_jit_took_more_than_a_tenth_of_its_cpu() {
         let cold = cold_broker(&run(Some(0.5))).expect("half the broker's CPU in its JIT is a cold broker");
         assert!(cold.contains("50 %") && cold.contains("0.35 of 0.70 cores") && cold.contains("up 130 s"), "{cold}");
         assert!(line(&run(Some(0.5))).ends_with("cold broker"), "{}", line(&run(Some(0.5))));

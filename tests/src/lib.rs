@@ -163,7 +163,8 @@ pub fn binary(service: &str) -> PathBuf {
 /// A port for a service to listen on. Not from the kernel's ephemeral range: a port found free
 /// with `bind(0)` and released can be handed out again, to the next `bind(0)` or to an outgoing
 /// connection, before the service binds it (seen: two services of one system given one port).
-/// So: a random port below that range, never one this process handed out before, and free now.
+/// So: a random port below that range, never one this process handed out before, not claimed by
+/// another live test process (tests run two at a time, ADR 32), and free now.
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     static RANGE: std::sync::LazyLock<(u16, u16)> = std::sync::LazyLock::new(|| {
@@ -181,12 +182,44 @@ pub fn free_port() -> u16 {
     let mut handed_out = HANDED_OUT.lock().expect("port registry");
     for _ in 0..1000 {
         let port = rand::random_range(low..high);
-        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !handed_out.contains(&port) && claim_port(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             handed_out.insert(port);
             return port;
         }
     }
     panic!("no free port in {low}..{high} after 1000 tries");
+}
+
+/// Claims `port` for this process among the test processes of the machine: a file named after it
+/// in a shared directory, created only if absent, holding the claimant's pid. A claim whose process
+/// is gone is stale and taken over. Claims last as long as their process.
+fn claim_port(port: u16) -> bool {
+    let dir = std::env::temp_dir().join("saga-e2e-ports");
+    let path = dir.join(port.to_string());
+    let me = std::process::id().to_string();
+    for _ in 0..2 {
+        let _ = std::fs::create_dir_all(&dir);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut file) => return std::io::Write::write_all(&mut file, me.as_bytes()).is_ok(),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                if owner == me {
+                    return true;
+                }
+                let alive = !owner.is_empty() && std::path::Path::new("/proc").join(owner.trim()).exists();
+                if alive {
+                    return false;
+                }
+                // Stale (its process ended), or being written this instant: taken over only
+                // when it names a process that is gone.
+                if owner.is_empty() || std::fs::remove_file(&path).is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// A system's own Apache Kafka broker.
@@ -1028,4 +1061,29 @@ pub fn order_body(sku: &str, quantity: i64, token: &str, postal_code: &str) -> V
         "payment_token": token,
         "shipping_address": {"line1": "1 Main St", "city": "Springfield", "postal_code": postal_code, "country": "US"}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claim_port;
+
+    /// A port claimed by a live process is not handed out here; one whose claimant is gone is.
+    #[test]
+    fn a_port_claimed_by_another_live_process_is_refused_and_a_stale_claim_taken_over() {
+        let dir = std::env::temp_dir().join("saga-e2e-ports");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Ports above the range free_port uses, so that no test process claims them meanwhile.
+        let (live, stale, fresh) = (65_001, 65_002, 65_003);
+        std::fs::write(dir.join(live.to_string()), "1").unwrap(); // init: alive while the machine is
+        std::fs::write(dir.join(stale.to_string()), "4194999").unwrap(); // above pid_max: no such process
+        let _ = std::fs::remove_file(dir.join(fresh.to_string()));
+        assert!(!claim_port(live), "held by a live process");
+        assert!(claim_port(stale), "its claimant is gone");
+        assert!(claim_port(fresh), "never claimed");
+        assert!(claim_port(fresh), "this process's own claim");
+        assert_eq!(std::fs::read_to_string(dir.join(stale.to_string())).unwrap(), std::process::id().to_string());
+        for port in [live, stale, fresh] {
+            let _ = std::fs::remove_file(dir.join(port.to_string()));
+        }
+    }
 }

@@ -24,6 +24,9 @@ FROM chef AS build
 # librdkafka is built from source by rdkafka's cmake build.
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 COPY --from=planner /src/recipe.json recipe.json
+# The recipe has the workspace members' manifests only; the patched rdkafka (ADR 30) is a
+# dependency outside the workspace, so its sources come in before the dependencies are cooked.
+COPY vendor/ vendor/
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
 COPY --from=ui /ui-dist /ui-dist

@@ -165,6 +165,19 @@ ensure_kustomize() {
   GOBIN="$dir" GOFLAGS=-modcacherw go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" >&2
 }
 
+# cargo-chef, the version the Dockerfile installs, built from crates.io into the cache (once: a
+# debug build without debug info, about a minute on 2 cores; nothing it does here needs speed).
+ensure_cargo_chef() {
+  local version
+  version="$(sed -n 's/.*cargo install cargo-chef --locked --version \([0-9][0-9.]*\).*/\1/p' "$ROOT/Dockerfile")"
+  [[ -n "$version" ]] || { echo "Dockerfile: no 'cargo install cargo-chef --locked --version X'" >&2; return 1; }
+  CARGO_CHEF_HOME="$HOME/.cache/saga-orchestrator/cargo-chef-$version"
+  [[ -x "$CARGO_CHEF_HOME/bin/cargo-chef" ]] && return 0
+  say "Building cargo-chef $version from crates.io (once, about a minute)"
+  CARGO_PROFILE_DEV_DEBUG=0 cargo install -q cargo-chef --version "$version" --locked --debug \
+    --root "$CARGO_CHEF_HOME" >&2
+}
+
 # The npm packages of scripts/check-deploy.d (the custom resources' schemas), from its lockfile.
 ensure_deploy_node() {
   DEPLOY_NODE="$HOME/.cache/saga-orchestrator/deploy-node"

@@ -1,9 +1,10 @@
 """What every rendered overlay of k8s/ must hold, beyond the schemas (scripts/check-deploy):
 pods locked down, probes that fit /ready, one migration Job per service and no migrating
 replica, a disruption budget per Deployment, no replica count fighting an autoscaler, every
-service scraped, and topic declarations that match what the services would create.
+service scraped, topic declarations that match what the services would create, and every
+container's command a binary that the image (the Dockerfile's last stage) has.
 
-Usage: policy.py RENDERED.yaml DEFINITIONS_DIR
+Usage: policy.py RENDERED.yaml DEFINITIONS_DIR DOCKERFILE
 """
 
 import json
@@ -54,7 +55,28 @@ def check_pod(where, spec):
             problem(f"{name}: no memory limit or cpu request")
 
 
-def main(rendered, definitions):
+def image_binaries(dockerfile):
+    """The paths the Dockerfile's last stage copies from other stages into /usr/local/bin/."""
+    text = re.sub(r"\\\n", " ", open(dockerfile, encoding="utf-8").read())
+    last = re.split(r"(?im)^FROM\s", text)[-1]
+    paths = set()
+    for line in last.splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and any(w.startswith("--from=") for w in words) and words[-1] == "/usr/local/bin/":
+            paths |= {"/usr/local/bin/" + w.rsplit("/", 1)[-1] for w in words[1:-1] if not w.startswith("--")}
+    return paths
+
+
+def check_command(where, container, binaries):
+    command = container.get("command") or []
+    if not command or command[0] not in binaries:
+        problem(f"{where}: runs {command[:1]}, which the image does not have (it has {sorted(binaries)})")
+
+
+def main(rendered, definitions, dockerfile):
+    binaries = image_binaries(dockerfile)
+    if not binaries:
+        problem(f"{dockerfile}: its last stage copies no binary into /usr/local/bin/")
     docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
     by_kind = {}
     for d in docs:
@@ -78,6 +100,7 @@ def main(rendered, definitions):
         labels = d["spec"]["template"]["metadata"]["labels"]
         check_pod(where, spec)
         container = spec["containers"][0]
+        check_command(where, container, binaries)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             if probe not in container:
                 problem(f"{where}: no {probe}")
@@ -105,6 +128,7 @@ def main(rendered, definitions):
             problem(f"{where}: no Service with a metrics port labelled {PART_OF}")
     for j in jobs:
         check_pod(f"Job {j['metadata']['name']}", j["spec"]["template"]["spec"])
+        check_command(f"Job {j['metadata']['name']}", j["spec"]["template"]["spec"]["containers"][0], binaries)
 
     for monitor in by_kind.get("ServiceMonitor", []):
         selector = monitor["spec"]["selector"]["matchLabels"]
@@ -146,4 +170,4 @@ def main(rendered, definitions):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -6,10 +6,9 @@ Copies into OUT what the Dockerfile's `cargo chef cook` stage copies from the bu
 (CONTEXT, less what .dockerignore leaves out) before it cooks, so that scripts/check-deploy can
 cook cargo-chef's recipe there as `docker build` would: a path the workspace needs that the
 recipe does not carry (a patched crate outside the workspace, ADR 30) and the stage does not
-copy fails there as it fails in the image's build. Understands the instructions this Dockerfile
-uses (FROM, COPY with flags and a destination relative to the WORKDIR,
-line continuations); anything else in a COPY it cannot
-follow (JSON form, wildcards, --parents) is an error rather than a guess.
+copy fails there as it fails in the image's build. Understands what this Dockerfile uses (FROM,
+COPY with flags and a destination relative to the WORKDIR, line continuations); a COPY it cannot
+follow (JSON form, wildcards, --parents, an absolute destination) is an error, not a guess.
 """
 
 import fnmatch

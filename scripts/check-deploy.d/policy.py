@@ -1,10 +1,13 @@
 """What every rendered overlay of k8s/ must hold, beyond the schemas (scripts/check-deploy):
 pods locked down, probes that fit /ready, one migration Job per service and no migrating
 replica, a disruption budget per Deployment, no replica count fighting an autoscaler, every
-service scraped, topic declarations that match what the services would create, and every
-container's command a binary that the image (the Dockerfile's last stage) has.
+service scraped, topic declarations that match what the services would create, every
+container's command a binary that the image (the Dockerfile's last stage) has, and every
+environment variable a setting of the binary it is given to (a misspelt one is otherwise
+ignored without a word).
 
-Usage: policy.py RENDERED.yaml DEFINITIONS_DIR DOCKERFILE
+Usage: policy.py RENDERED.yaml DEFINITIONS_DIR DOCKERFILE SETTINGS_DIR
+SETTINGS_DIR holds BINARY.txt per binary: the environment variables its --help lists.
 """
 
 import json
@@ -73,8 +76,33 @@ def check_command(where, container, binaries):
         problem(f"{where}: runs {command[:1]}, which the image does not have (it has {sorted(binaries)})")
 
 
-def main(rendered, definitions, dockerfile):
+def settings_of(settings_dir, container):
+    """The environment variables the container's binary reads (from its --help), or None."""
+    command = container.get("command") or []
+    path = pathlib.Path(settings_dir) / (pathlib.PurePosixPath(command[0]).name + ".txt") if command else None
+    return set(path.read_text().split()) if path and path.exists() else None
+
+
+def check_settings(where, container, settings_dir, shared):
+    """A container's own variables must be its binary's settings; a shared ConfigMap's keys are
+    collected in `shared` (ConfigMap name -> settings of the binaries that load it)."""
+    known = settings_of(settings_dir, container)
+    if known is None:
+        problem(f"{where}: no --help settings for {container.get('command')}")
+        return
+    for variable in container.get("env", []):
+        if variable["name"] not in known:
+            problem(f"{where}: sets {variable['name']}, which is not a setting of {container['command'][0]}")
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            shared.setdefault(source["configMapRef"]["name"], set()).update(known)
+        else:
+            problem(f"{where}: envFrom {source} is not checked against the binary's settings")
+
+
+def main(rendered, definitions, dockerfile, settings_dir):
     binaries = image_binaries(dockerfile)
+    shared = {}
     if not binaries:
         problem(f"{dockerfile}: its last stage copies no binary into /usr/local/bin/")
     docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
@@ -101,6 +129,7 @@ def main(rendered, definitions, dockerfile):
         check_pod(where, spec)
         container = spec["containers"][0]
         check_command(where, container, binaries)
+        check_settings(where, container, settings_dir, shared)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             if probe not in container:
                 problem(f"{where}: no {probe}")
@@ -129,6 +158,14 @@ def main(rendered, definitions, dockerfile):
     for j in jobs:
         check_pod(f"Job {j['metadata']['name']}", j["spec"]["template"]["spec"])
         check_command(f"Job {j['metadata']['name']}", j["spec"]["template"]["spec"]["containers"][0], binaries)
+        check_settings(f"Job {j['metadata']['name']}", j["spec"]["template"]["spec"]["containers"][0], settings_dir, shared)
+    # A key of a ConfigMap shared by several services may be meant for some of them only
+    # (AUTH_DISABLED is the orchestrator's), but one that none of them reads is a mistake.
+    config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind.get("ConfigMap", [])}
+    for name, known in shared.items():
+        unread = sorted(set(config_maps.get(name, {})) - known)
+        if unread:
+            problem(f"ConfigMap {name}: {unread} is a setting of none of the services that load it")
 
     for monitor in by_kind.get("ServiceMonitor", []):
         selector = monitor["spec"]["selector"]["matchLabels"]
@@ -170,4 +207,4 @@ def main(rendered, definitions, dockerfile):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    sys.exit(main(*sys.argv[1:5]))

@@ -25,8 +25,8 @@ def instructions(path):
     out, pending = [], ""
     for line in open(path, encoding="utf-8"):
         stripped = line.strip()
-        if not pending and (not stripped or stripped.startswith("#")):
-            continue
+        if not stripped or stripped.startswith("#"):
+            continue  # also inside a continued instruction, as Docker reads it
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue

@@ -90,22 +90,25 @@ def copy(context, source, target, patterns):
         sys.exit(f"COPY {source}: not in the build context")
 
 
-def main(dockerfile, context, out):
-    steps = instructions(dockerfile)
-    stages, current = [], None
-    for keyword, rest in steps:
+def stages(path):
+    """Each stage's instructions after its FROM, in order (also used by policy.py)."""
+    out = []
+    for keyword, rest in instructions(path):
         if keyword == "FROM":
-            current = {"from": rest, "steps": []}
-            stages.append(current)
-        elif current is not None:
-            current["steps"].append((keyword, rest))
-    cooking = [s for s in stages if any(k == "RUN" and COOK in r for k, r in s["steps"])]
+            out.append([])
+        elif out:
+            out[-1].append((keyword, rest))
+    return out
+
+
+def main(dockerfile, context, out):
+    cooking = [s for s in stages(dockerfile) if any(k == "RUN" and COOK in r for k, r in s)]
     if len(cooking) != 1:
         sys.exit(f"{dockerfile}: expected one stage that runs `{COOK}`, found {len(cooking)}")
     patterns = ignored_patterns(context)
     os.makedirs(out, exist_ok=True)
     copied = 0
-    for keyword, rest in cooking[0]["steps"]:
+    for keyword, rest in cooking[0]:
         if keyword == "RUN" and COOK in rest:
             break
         if keyword != "COPY":

@@ -17,6 +17,8 @@ import sys
 
 import yaml
 
+import cook_context  # the Dockerfile's reader, beside this file
+
 PART_OF = "app.kubernetes.io/part-of"
 # /ready checks Postgres, then Kafka, each bounded to 2 s (participants/runtime/src/health.rs).
 READY_WORST_SECONDS = 4
@@ -60,13 +62,11 @@ def check_pod(where, spec):
 
 def image_binaries(dockerfile):
     """The paths the Dockerfile's last stage copies from other stages into /usr/local/bin/."""
-    text = re.sub(r"\\\n", " ", open(dockerfile, encoding="utf-8").read())
-    last = re.split(r"(?im)^FROM\s", text)[-1]
     paths = set()
-    for line in last.splitlines():
-        words = line.split()
-        if words[:1] == ["COPY"] and any(w.startswith("--from=") for w in words) and words[-1] == "/usr/local/bin/":
-            paths |= {"/usr/local/bin/" + w.rsplit("/", 1)[-1] for w in words[1:-1] if not w.startswith("--")}
+    for keyword, rest in cook_context.stages(dockerfile)[-1]:
+        words = rest.split()
+        if keyword == "COPY" and any(w.startswith("--from=") for w in words) and words[-1] == "/usr/local/bin/":
+            paths |= {"/usr/local/bin/" + w.rsplit("/", 1)[-1] for w in words[:-1] if not w.startswith("--")}
     return paths
 
 

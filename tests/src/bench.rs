@@ -133,6 +133,45 @@ impl Watched {
     }
 }
 
+/// The whole machine's time so far, from `/proc/stat`, in seconds summed over its cores: busy
+/// (user, nice, system, interrupts), idle (with I/O wait), and stolen by the hypervisor; and the
+/// context switches of every process. What the watched processes do not account for (the
+/// kernel's work for nobody in particular, the other tenants of a virtual machine's host) shows
+/// up here.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MachineTime {
+    pub busy: f64,
+    pub idle: f64,
+    pub steal: f64,
+    pub context_switches: u64,
+}
+
+impl MachineTime {
+    pub fn now() -> Option<Self> {
+        use procfs::CurrentSI as _;
+        let stat = procfs::KernelStats::current().ok()?;
+        let (t, some) = (&stat.total, |v: Option<u64>| v.unwrap_or(0) as f64 / ticks());
+        Some(Self {
+            busy: (t.user + t.nice + t.system) as f64 / ticks() + some(t.irq) + some(t.softirq),
+            idle: t.idle as f64 / ticks() + some(t.iowait),
+            steal: some(t.steal),
+            context_switches: stat.ctxt,
+        })
+    }
+
+    /// From `earlier` to `self`, over `wall` seconds: cores busy, idle and stolen, and context
+    /// switches a second.
+    pub fn since(&self, earlier: &Self, wall: f64) -> serde_json::Value {
+        let cores = |now: f64, then: f64| (now - then) / wall;
+        serde_json::json!({
+            "busy_cores": cores(self.busy, earlier.busy),
+            "idle_cores": cores(self.idle, earlier.idle),
+            "steal_cores": cores(self.steal, earlier.steal),
+            "context_switches_per_s": self.context_switches.saturating_sub(earlier.context_switches) as f64 / wall,
+        })
+    }
+}
+
 /// Postgres's counters: transactions committed (every database) and WAL written, in bytes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PgCounters {

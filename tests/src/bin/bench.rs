@@ -110,6 +110,7 @@ struct Snapshot {
     at: Instant,
     wall: DateTime<Utc>,
     usage: BTreeMap<String, Usage>,
+    machine: Option<bench::MachineTime>,
     pg: PgCounters,
     broker_messages: i64,
     /// The outbox dwell histogram of each service.
@@ -148,6 +149,7 @@ impl Bench {
             at: Instant::now(),
             wall: Utc::now(),
             usage: self.watched.sample(),
+            machine: bench::MachineTime::now(),
             pg: bench::pg_counters(&self.pool).await?,
             broker_messages: bench::broker_messages(&self.system.brokers, &self.system.topic_prefix()).await?,
             dwell,
@@ -401,6 +403,11 @@ impl Bench {
             "broker_messages_per_saga": (after.broker_messages - before.broker_messages) as f64 / sagas,
             "wall_seconds": wall,
             "processes": processes,
+            // The whole machine: how busy it was, and what the hypervisor took.
+            "machine": match (&after.machine, &before.machine) {
+                (Some(after), Some(before)) => after.since(before, wall),
+                _ => Value::Null,
+            },
             "from": before.wall,
         }))
     }
@@ -567,11 +574,22 @@ fn machine() -> Value {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned());
     let memory = procfs::Current::current().map(|m: procfs::Meminfo| m.mem_total).ok();
+    let sys = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": model,
         "memory_gb": memory.map(|b| b as f64 / 1e9),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+        // What an idle core does: on a virtual machine whose idle cores halt at once (cpuidle's
+        // haltpoll with guest_halt_poll_ns 0), every wake-up is a trip through the hypervisor,
+        // and a saga at a low rate costs several times the CPU it does at a high one
+        // (docs/performance.md, 2026-12-06, sixteenth session).
+        "cpuidle": {
+            "driver": sys("/sys/devices/system/cpu/cpuidle/current_driver"),
+            "governor": sys("/sys/devices/system/cpu/cpuidle/current_governor_ro")
+                .or_else(|| sys("/sys/devices/system/cpu/cpuidle/current_governor")),
+            "guest_halt_poll_ns": sys("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
+        },
         // How the services reach Postgres (socket, TCP, TLS): it moves the figures by a quarter.
         "postgres_url": std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned()),
     })
@@ -891,6 +909,17 @@ fn print_detail(run: &Value) {
                 p["peak_memory_mb"].as_f64().unwrap_or(0.0)
             );
         }
+    }
+    let machine = &run["machine"];
+    if let Some(busy) = machine["busy_cores"].as_f64() {
+        println!(
+            "  the machine    busy {busy:.2} cores, idle {:.2}, stolen {:.3}; {:.0} context switches/s ({:.0} a saga)",
+            machine["idle_cores"].as_f64().unwrap_or(0.0),
+            machine["steal_cores"].as_f64().unwrap_or(0.0),
+            machine["context_switches_per_s"].as_f64().unwrap_or(0.0),
+            machine["context_switches_per_s"].as_f64().unwrap_or(0.0) * run["wall_seconds"].as_f64().unwrap_or(0.0)
+                / run["orders"].as_f64().unwrap_or(f64::NAN).max(1.0)
+        );
     }
     if let Some(warning) = cold_broker(run) {
         println!("  {warning}");

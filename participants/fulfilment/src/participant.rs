@@ -20,8 +20,9 @@ struct Shipment {
 
 impl Participant for Fulfilment {
     const NAME: &'static str = "fulfilment";
+    type Prepared = ();
 
-    async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<Outcome> {
+    async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope, _: &mut ()) -> sqlx::Result<Outcome> {
         let saga_id = command.saga_id.as_uuid();
         match command.action.as_str() {
             "create_shipment" => {

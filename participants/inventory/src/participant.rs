@@ -45,8 +45,9 @@ fn wanted(items: &[Item]) -> Result<BTreeMap<&str, i64>, String> {
 
 impl Participant for Inventory {
     const NAME: &'static str = "inventory";
+    type Prepared = ();
 
-    async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<Outcome> {
+    async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope, _: &mut ()) -> sqlx::Result<Outcome> {
         let saga_id = command.saga_id.as_uuid();
         match command.action.as_str() {
             "reserve_inventory" => {

@@ -17,8 +17,9 @@ struct OrderRef {
 
 impl Participant for Orders {
     const NAME: &'static str = "order";
+    type Prepared = ();
 
-    async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<Outcome> {
+    async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope, _: &mut ()) -> sqlx::Result<Outcome> {
         let order = match input::<OrderRef>(command) {
             Ok(order) => order.order_id,
             Err(refusal) => return Ok(refusal),

@@ -12,6 +12,8 @@
 //! The count of calls is the gateway's own state, kept outside the participant's transaction
 //! (a real gateway remembers calls whatever the caller rolls back).
 
+use std::collections::HashMap;
+
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -49,28 +51,65 @@ pub(crate) fn refund_answered(token: &str, call: u32) -> bool {
     }
 }
 
+/// The gateway's answers for a batch's new commands, asked for together
+/// ([`saga_runtime::participant::Participant::prepare`]): charges and refunds by saga.
+#[derive(Debug, Default)]
+pub(crate) struct Answers {
+    pub(crate) charges: HashMap<Uuid, Answer>,
+    pub(crate) refunds: HashMap<Uuid, bool>,
+}
+
+/// Calls the simulated gateway once for each of a batch's charges (saga, token), in one
+/// statement: one round trip and one commit for the batch instead of one each, one after another.
+pub(crate) async fn authorize_all(pool: &PgPool, charges: &[(Uuid, &str)]) -> sqlx::Result<HashMap<Uuid, Answer>> {
+    let calls = count_calls(pool, "calls", charges).await?;
+    Ok(first_of_each(charges).filter_map(|(saga, token)| Some((saga, decide(token, *calls.get(&saga)?)))).collect())
+}
+
+/// [`authorize_all`] for refunds: true where the gateway answered.
+pub(crate) async fn refund_all(pool: &PgPool, refunds: &[(Uuid, &str)]) -> sqlx::Result<HashMap<Uuid, bool>> {
+    let calls = count_calls(pool, "refund_calls", refunds).await?;
+    Ok(first_of_each(refunds)
+        .filter_map(|(saga, token)| Some((saga, refund_answered(token, *calls.get(&saga)?))))
+        .collect())
+}
+
+/// Each saga's first (saga, token): a saga is called once per batch.
+fn first_of_each<'c, 't>(calls: &'c [(Uuid, &'t str)]) -> impl Iterator<Item = (Uuid, &'t str)> + 'c {
+    let mut seen = std::collections::HashSet::new();
+    calls.iter().copied().filter(move |(saga, _)| seen.insert(*saga))
+}
+
+/// Adds one call to `column` (`calls` or `refund_calls`) of each saga, in the sagas' order (a
+/// fixed lock order), and returns each saga's count after it.
+async fn count_calls(pool: &PgPool, column: &'static str, calls: &[(Uuid, &str)]) -> sqlx::Result<HashMap<Uuid, u32>> {
+    let mut sagas: Vec<Uuid> = calls.iter().map(|(saga, _)| *saga).collect();
+    sagas.sort();
+    sagas.dedup();
+    if sagas.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (charges, refunds) = if column == "calls" { (1, 0) } else { (0, 1) };
+    let rows: Vec<(Uuid, i32)> = sqlx::query_as(&format!(
+        "INSERT INTO gateway_calls (saga_id, calls, refund_calls)
+         SELECT saga_id, {charges}, {refunds} FROM UNNEST($1::uuid[]) AS t (saga_id)
+         ON CONFLICT (saga_id) DO UPDATE SET {column} = gateway_calls.{column} + 1
+         RETURNING saga_id, {column}"
+    ))
+    .bind(&sagas)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(saga, n)| (saga, n as u32)).collect())
+}
+
 /// Calls the simulated gateway for a saga's refund; true when it answered.
 pub(crate) async fn refund(pool: &PgPool, saga_id: Uuid, token: &str) -> sqlx::Result<bool> {
-    let call: i32 = sqlx::query_scalar(
-        "INSERT INTO gateway_calls (saga_id, calls, refund_calls) VALUES ($1, 0, 1)
-         ON CONFLICT (saga_id) DO UPDATE SET refund_calls = gateway_calls.refund_calls + 1 RETURNING refund_calls",
-    )
-    .bind(saga_id)
-    .fetch_one(pool)
-    .await?;
-    Ok(refund_answered(token, call as u32))
+    Ok(refund_all(pool, &[(saga_id, token)]).await?.remove(&saga_id).unwrap_or(false))
 }
 
 /// Calls the simulated gateway for a saga's charge.
 pub(crate) async fn authorize(pool: &PgPool, saga_id: Uuid, token: &str) -> sqlx::Result<Answer> {
-    let call: i32 = sqlx::query_scalar(
-        "INSERT INTO gateway_calls (saga_id, calls) VALUES ($1, 1)
-         ON CONFLICT (saga_id) DO UPDATE SET calls = gateway_calls.calls + 1 RETURNING calls",
-    )
-    .bind(saga_id)
-    .fetch_one(pool)
-    .await?;
-    Ok(decide(token, call as u32))
+    Ok(authorize_all(pool, &[(saga_id, token)]).await?.remove(&saga_id).unwrap_or(Answer::TimedOut))
 }
 
 #[cfg(test)]

@@ -97,9 +97,9 @@ impl Params {
     }
 }
 
-/// The URL of database `database` on the test server (`TEST_POSTGRES_URL`, or the local one).
-#[cfg(test)]
-pub(crate) fn test_url(database: &str) -> String {
+/// The URL of database `database` on the test server (`TEST_POSTGRES_URL`, or the local one),
+/// for the services' tests.
+pub fn test_url(database: &str) -> String {
     let url = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     match url.split_once('?') {
         Some((base, query)) => format!("{}/{database}?{query}", base.trim_end_matches('/')),

@@ -47,10 +47,34 @@ pub trait Participant: Send + Sync + 'static {
     /// The participant's name as saga definitions use it (`inventory`, `payment`, ...).
     const NAME: &'static str;
 
+    /// What [`Participant::prepare`] hands to the batch's commands; `()` for a participant that
+    /// calls nothing outside its database.
+    type Prepared: Default + Send;
+
+    /// Runs once per batch, before its commands are handled one by one, with the commands that
+    /// will be handled: each new command of the batch once, in order (not those answered
+    /// before, whose replies are replayed). What a command needs from another system (a card
+    /// gateway's answer) is asked for here for the whole batch, in one call or in calls made at
+    /// once, instead of one call after another while the batch's transaction waits: at half
+    /// saturation the payment service's calls one by one were the slowest hop of the saga
+    /// (docs/performance.md, 2026-12-06, sixteenth session).
+    ///
+    /// `handle` must still do itself what it does not find prepared (a command handled again in
+    /// the same batch after a transient failure). A batch that fails is applied again and
+    /// prepared again, so a call made here may be repeated, as one made from `handle` may be.
+    fn prepare<'a>(
+        &'a self,
+        commands: &'a [&'a CommandEnvelope],
+    ) -> impl Future<Output = sqlx::Result<Self::Prepared>> + Send + 'a {
+        let _ = commands;
+        async { Ok(Self::Prepared::default()) }
+    }
+
     fn handle<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         command: &'a CommandEnvelope,
+        prepared: &'a mut Self::Prepared,
     ) -> impl Future<Output = sqlx::Result<Outcome>> + Send + 'a;
 }
 
@@ -138,6 +162,7 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
         // The batch's dedupe records in one statement, and its new ones in one more at the end.
         let keys: Vec<&CommandEnvelope> = parsed.iter().filter_map(|c| c.as_ref().ok()).collect();
         let mut processed = Processed::load(&mut tx, &keys).await?;
+        let mut prepared = self.participant.prepare(&processed.to_handle(&keys)).await?;
         for (record, command) in records.iter().zip(parsed) {
             let command = match command {
                 Ok(command) => command,
@@ -149,7 +174,7 @@ impl<P: Participant> BatchHandler for CommandHandler<P> {
                 }
             };
             let started = std::time::SystemTime::now();
-            let reply = self.process(&mut tx, &mut savepoint, &command, &mut processed).await?;
+            let reply = self.process(&mut tx, &mut savepoint, &command, &mut processed, &mut prepared).await?;
             // The reply continues the command's trace, as a span of its own.
             let trace = crate::trace::Context::from_record(record, Some(command.saga_id.as_uuid()));
             let fallback = trace.parent.child_of_message(reply.message_id);
@@ -200,6 +225,7 @@ impl<P: Participant> CommandHandler<P> {
         savepoint: &mut Savepoint,
         command: &CommandEnvelope,
         processed: &mut Processed,
+        prepared: &mut P::Prepared,
     ) -> sqlx::Result<ReplyEnvelope> {
         let name = P::NAME;
         let key = (command.saga_id.as_uuid(), command.step.to_string(), command.kind.as_str());
@@ -213,7 +239,7 @@ impl<P: Participant> CommandHandler<P> {
 
         savepoint.mark(conn).await?;
         inject_faults(command)?;
-        let outcome = self.participant.handle(conn, command).await?;
+        let outcome = self.participant.handle(conn, command, prepared).await?;
         let (reply_outcome, keep, result) = match outcome {
             Outcome::Done(output) => (ReplyOutcome::Succeeded { output }, true, "succeeded"),
             Outcome::Refused(error) => (ReplyOutcome::Failed { error }, false, "refused"),
@@ -314,6 +340,25 @@ impl Processed {
             }
         }
         Ok(Self { known, new: Vec::new() })
+    }
+
+    /// The batch's commands that will be handled, each once, in order: not those with a stored
+    /// outcome, nor an action after its compensation in the batch (which leaves a tombstone for
+    /// it), as [`CommandHandler::process`] will decide.
+    fn to_handle<'c>(&self, commands: &[&'c CommandEnvelope]) -> Vec<&'c CommandEnvelope> {
+        let mut seen = std::collections::HashSet::new();
+        commands
+            .iter()
+            .copied()
+            .filter(|c| {
+                let (saga, step) = (c.saga_id.as_uuid(), c.step.to_string());
+                if c.kind == StepKind::Compensation {
+                    seen.insert((saga, step.clone(), "ACTION"));
+                }
+                let key = (saga, step, c.kind.as_str());
+                !self.known.contains_key(&key) && seen.insert(key)
+            })
+            .collect()
     }
 
     /// Records an outcome; a tombstone only where no record exists.
@@ -628,13 +673,32 @@ mod tests {
     use super::*;
     use crate::db::test_url as url;
 
-    /// Writes two rows for its command, then answers what the command's input says.
-    struct Scripted;
+    /// Writes two rows for its command, then answers what the command's input says. Records the
+    /// sagas each batch prepared, and whether each command handled found itself prepared.
+    #[derive(Default)]
+    struct Scripted {
+        prepared: std::sync::Mutex<Vec<Vec<uuid::Uuid>>>,
+        handled: std::sync::Mutex<Vec<(uuid::Uuid, bool)>>,
+    }
 
     impl Participant for Scripted {
         const NAME: &'static str = "scripted";
+        type Prepared = std::collections::HashSet<uuid::Uuid>;
 
-        async fn handle(&self, conn: &mut PgConnection, command: &CommandEnvelope) -> sqlx::Result<Outcome> {
+        async fn prepare(&self, commands: &[&CommandEnvelope]) -> sqlx::Result<Self::Prepared> {
+            let sagas: Vec<uuid::Uuid> = commands.iter().map(|c| c.saga_id.as_uuid()).collect();
+            self.prepared.lock().unwrap().push(sagas.clone());
+            Ok(sagas.into_iter().collect())
+        }
+
+        async fn handle(
+            &self,
+            conn: &mut PgConnection,
+            command: &CommandEnvelope,
+            prepared: &mut Self::Prepared,
+        ) -> sqlx::Result<Outcome> {
+            let saga = command.saga_id.as_uuid();
+            self.handled.lock().unwrap().push((saga, prepared.remove(&saga)));
             sqlx::query("INSERT INTO written (saga_id, n) VALUES ($1, 1), ($1, 2)")
                 .bind(command.saga_id.as_uuid())
                 .execute(&mut *conn)
@@ -679,8 +743,12 @@ mod tests {
             migrations.run(&pool).await.unwrap();
         }
         pool.execute("CREATE TABLE written (saga_id uuid, n int)").await.unwrap();
-        let handler =
-            CommandHandler { pool: pool.clone(), handoff: None, participant: Scripted, service: "test".into() };
+        let handler = CommandHandler {
+            pool: pool.clone(),
+            handoff: None,
+            participant: Scripted::default(),
+            service: "test".into(),
+        };
         (admin, name, pool, handler)
     }
 
@@ -782,6 +850,37 @@ mod tests {
         let refused = |saga: uuid::Uuid| (saga.to_string(), "FAILED".to_string(), tombstone.clone());
         let ok = |saga: uuid::Uuid| (saga.to_string(), "SUCCEEDED".to_string(), None);
         assert_eq!(replies, vec![ok(early), refused(early), ok(done_first), ok(done_first), ok(late), refused(late)]);
+        // The action after its compensation was never prepared: it was not going to run.
+        assert_eq!(handler.participant.prepared.lock().unwrap()[0], [early, done_first, done_first, late]);
+        pool.close().await;
+        admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
+    }
+
+    /// A batch prepares each command it will handle once, before handling any: not those
+    /// answered before (replayed), nor a second copy of one in the same batch; and each command
+    /// handled finds what was prepared for it, except a copy handled again after a transient
+    /// failure, which must do without.
+    #[tokio::test]
+    async fn a_batch_prepares_the_commands_it_will_handle_once_each() {
+        let (mut admin, name, pool, handler) = scratch().await;
+        let [done, transient, fresh]: [uuid::Uuid; 3] = std::array::from_fn(|_| uuid::Uuid::now_v7());
+        handler.handle(&[record(done, "done", 0)]).await.unwrap();
+        handler
+            .handle(&[
+                record(done, "done", 1),
+                record(transient, "transient", 2),
+                record(fresh, "done", 3),
+                record(transient, "transient", 4),
+                record(fresh, "done", 5),
+            ])
+            .await
+            .unwrap();
+
+        let prepared = handler.participant.prepared.lock().unwrap().clone();
+        assert_eq!(prepared, [vec![done], vec![transient, fresh]]);
+        // The second copy of `fresh` replays its reply; the second of `transient` runs again.
+        let handled = handler.participant.handled.lock().unwrap().clone();
+        assert_eq!(handled, [(done, true), (transient, true), (fresh, true), (transient, false)]);
         pool.close().await;
         admin.execute(format!("DROP DATABASE \"{name}\" WITH (FORCE)").as_str()).await.unwrap();
     }

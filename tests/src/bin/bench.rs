@@ -918,7 +918,7 @@ fn print_detail(run: &Value) {
             machine["steal_cores"].as_f64().unwrap_or(0.0),
             machine["context_switches_per_s"].as_f64().unwrap_or(0.0),
             machine["context_switches_per_s"].as_f64().unwrap_or(0.0) * run["wall_seconds"].as_f64().unwrap_or(0.0)
-                / run["orders"].as_f64().unwrap_or(f64::NAN).max(1.0)
+                / run["orders"].as_f64().unwrap_or(1.0).max(1.0)
         );
     }
     if let Some(warning) = cold_broker(run) {

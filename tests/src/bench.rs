@@ -359,6 +359,62 @@ pub fn worst_seconds(samples: &[(f64, u64)], p99_micros: u64, keep: usize) -> Ve
     worst
 }
 
+/// One reading of a run's per-second series: seconds since the run's start, the CPU seconds each
+/// watched process has used so far, and the whole machine's time so far.
+#[derive(Debug, Clone, Default)]
+pub struct Tick {
+    pub at: f64,
+    pub cpu_seconds: BTreeMap<String, f64>,
+    pub machine: Option<MachineTime>,
+}
+
+/// What the machine did from `from` to `to` seconds of a run, between the last reading at or
+/// before `from` and the first at or after `to` (the edges of the series when the window runs
+/// past them): over the whole window, cores busy, context switches a second and each process's
+/// cores; and the extremes of its intervals between two readings (`peak`): the fewest context
+/// switches a second, and each process's most cores. It puts the seconds that hold a run's
+/// slowest sagas beside the run's averages: a process that took more than its share then, or a
+/// machine that switched less for a moment (something ran without yielding, a collector's
+/// pause). `None` without two readings around the window.
+pub fn during(ticks: &[Tick], from: f64, to: f64) -> Option<serde_json::Value> {
+    let first = ticks.iter().rposition(|t| t.at <= from).unwrap_or(0);
+    let last = ticks.iter().position(|t| t.at >= to).unwrap_or(ticks.len().checked_sub(1)?);
+    let window = ticks.get(first..=last)?;
+    let cores = |a: &Tick, b: &Tick| -> BTreeMap<String, f64> {
+        let wall = b.at - a.at;
+        b.cpu_seconds
+            .iter()
+            .filter_map(|(name, now)| Some((name.clone(), (now - a.cpu_seconds.get(name)?) / wall)))
+            .collect()
+    };
+    let (start, end) = (window.first()?, window.last()?);
+    if end.at <= start.at {
+        return None;
+    }
+    let mut most: BTreeMap<String, f64> = BTreeMap::new();
+    let mut fewest_switches: Option<f64> = None;
+    for pair in window.windows(2).filter(|pair| pair[1].at > pair[0].at) {
+        for (name, c) in cores(&pair[0], &pair[1]) {
+            let entry = most.entry(name).or_insert(c);
+            *entry = entry.max(c);
+        }
+        if let (Some(a), Some(b)) = (&pair[0].machine, &pair[1].machine) {
+            let rate = b.context_switches.saturating_sub(a.context_switches) as f64 / (pair[1].at - pair[0].at);
+            fewest_switches = Some(fewest_switches.map_or(rate, |f| f.min(rate)));
+        }
+    }
+    let mut out = serde_json::json!({
+        "from_s": start.at,
+        "to_s": end.at,
+        "cores_by_process": cores(start, end),
+        "peak": {"cores_by_process": most, "fewest_context_switches_per_s": fewest_switches},
+    });
+    if let (Some(now), Some(then)) = (&end.machine, &start.machine) {
+        out["machine"] = now.since(then, end.at - start.at);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +477,51 @@ saga_outbox_dwell_seconds_count 100
 
     /// A backlog sampled each second for `seconds`: `level` plus `growth` per second, plus the
     /// noise of sagas ending in bursts (a deterministic ± `noise`).
+    fn tick(at: f64, orchestrator: f64, kafka: f64, busy: f64, context_switches: u64) -> Tick {
+        Tick {
+            at,
+            cpu_seconds: [("orchestrator".to_owned(), orchestrator), ("kafka".to_owned(), kafka)].into(),
+            machine: Some(MachineTime { busy, idle: 0.0, steal: 0.0, context_switches }),
+        }
+    }
+
+    #[test]
+    fn what_ran_during_a_window_comes_from_the_readings_around_it() {
+        // Readings a second apart, then two half a second apart: in the half second from 2.5 to 3
+        // the broker took a whole core and the machine switched a tenth as often.
+        let ticks = [
+            tick(0.0, 0.0, 0.0, 0.0, 0),
+            tick(1.0, 0.2, 0.3, 1.8, 40_000),
+            tick(2.0, 0.4, 0.6, 3.6, 80_000),
+            tick(2.5, 0.5, 0.75, 4.5, 100_000),
+            tick(3.0, 0.5, 1.25, 5.45, 102_000),
+        ];
+        let window = during(&ticks, 2.2, 2.9).unwrap();
+        assert_eq!((window["from_s"].as_f64(), window["to_s"].as_f64()), (Some(2.0), Some(3.0)));
+        let round = |v: &serde_json::Value| (v.as_f64().unwrap() * 100.0).round() / 100.0;
+        let cores = &window["cores_by_process"];
+        assert_eq!((round(&cores["orchestrator"]), round(&cores["kafka"])), (0.1, 0.65));
+        assert_eq!(round(&window["machine"]["busy_cores"]), 1.85);
+        assert_eq!(window["machine"]["context_switches_per_s"].as_f64(), Some(22_000.0));
+        // The extremes of the window's intervals: the broker's whole core, the orchestrator's most
+        // in the first half second, and the fewest switches in the last.
+        let peak = &window["peak"];
+        assert_eq!(
+            (round(&peak["cores_by_process"]["kafka"]), round(&peak["cores_by_process"]["orchestrator"])),
+            (1.0, 0.2)
+        );
+        assert_eq!(peak["fewest_context_switches_per_s"].as_f64(), Some(4_000.0));
+        // Over a longer window, from the reading at or before its start to the one at or after
+        // its end.
+        let wider = during(&ticks, 1.0, 2.1).unwrap();
+        assert_eq!((wider["from_s"].as_f64(), wider["to_s"].as_f64()), (Some(1.0), Some(2.5)));
+        assert_eq!(wider["peak"]["fewest_context_switches_per_s"].as_f64(), Some(40_000.0));
+        // A window past the last reading uses the series' edges; one reading is not enough.
+        assert_eq!(during(&ticks, 2.5, 9.0).unwrap()["to_s"].as_f64(), Some(3.0));
+        assert!(during(&ticks[..1], 0.0, 1.0).is_none());
+        assert!(during(&[], 0.0, 1.0).is_none());
+    }
+
     fn series(seconds: u32, level: f64, growth: f64, noise: f64) -> Vec<(f64, i64)> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);

@@ -228,19 +228,26 @@ impl Bench {
                 placed.map(|p| (p.saga_id, scheduled, answered))
             });
         }
-        // Every second while the run lasts: memory (its peak is reported) and, while arrivals
-        // last, the backlog: orders scheduled so far minus sagas of this run ended so far.
+        // Every second while the run lasts: memory (its peak is reported), each process's CPU and
+        // the machine's time (what ran in the seconds of the slowest sagas) and, while arrivals
+        // last, the backlog: orders scheduled so far minus sagas of this run ended so far. (Four
+        // readings a second cost the driver half as much CPU again, on the cores it measures.)
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let ended_before = self.ended().await?;
         let sampler = async {
             let mut peak: BTreeMap<String, u64> = BTreeMap::new();
             let mut backlog: Vec<(f64, i64)> = Vec::new();
+            let mut ticks: Vec<bench::Tick> = Vec::new();
             let mut stop = stop_rx.clone();
             loop {
+                let mut tick = bench::Tick { at: started.elapsed().as_secs_f64(), ..Default::default() };
                 for (name, usage) in self.watched.sample() {
-                    let entry = peak.entry(name).or_default();
+                    let entry = peak.entry(name.clone()).or_default();
                     *entry = (*entry).max(usage.memory_bytes);
+                    tick.cpu_seconds.insert(name, usage.cpu_seconds);
                 }
+                tick.machine = bench::MachineTime::now();
+                ticks.push(tick);
                 let t = started.elapsed().as_secs_f64();
                 if t <= seconds {
                     if let Ok(ended) = self.ended().await {
@@ -249,10 +256,11 @@ impl Bench {
                     }
                 }
                 tokio::select! {
-                    _ = stop.changed() => return (peak, backlog),
+                    _ = stop.changed() => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
+            (peak, backlog, ticks)
         };
         let placing = async {
             let placed: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> =
@@ -282,7 +290,7 @@ impl Bench {
             stop_tx.send_replace(true);
             anyhow::Ok((placed, placed_in, backlog, completed as f64 / window, failed as f64 / window, drained))
         };
-        let (result, (peak, backlog_series)) = tokio::join!(placing, sampler);
+        let (result, (peak, backlog_series, ticks)) = tokio::join!(placing, sampler);
         let (placed, placed_in, backlog, completed_per_s, failed_per_s, drained) = result?;
         // Backends report their counters at most once a second.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -387,7 +395,11 @@ impl Bench {
             "statuses": statuses,
             "e2e_ms": {"p50": ms(&e2e, 0.5), "p90": ms(&e2e, 0.9), "p99": ms(&e2e, 0.99), "p99_9": ms(&e2e, 0.999), "max": e2e.max() as f64 / 1000.0},
             "e2e_by_second": e2e_by_second,
-            "e2e_worst_seconds": worst_seconds.iter().map(|(second, slow, max)| json!({"second": second, "above_p99": slow, "max_ms": max})).collect::<Vec<_>>(),
+            "e2e_worst_seconds": worst_seconds.iter().map(|(second, slow, max)| {
+                // From the second their orders were scheduled in to when the slowest could end.
+                let during = bench::during(&ticks, *second as f64, *second as f64 + 1.0 + max / 1000.0);
+                json!({"second": second, "above_p99": slow, "max_ms": max, "during": during})
+            }).collect::<Vec<_>>(),
             "order_api_ms": {"p50": ms(&answer, 0.5), "p99": ms(&answer, 0.99)},
             "start_ms": {"p50": ms(&start, 0.5), "p99": ms(&start, 0.99)},
             "step_overhead_ms": {"p50": q_ms(&overhead, 0.5), "p99": q_ms(&overhead, 0.99), "observations": overhead.count()},
@@ -860,6 +872,43 @@ async fn scale(args: &Args, bench: Bench, count: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What ran while the sagas of the run's worst second did, beside the run's averages: the
+/// machine's cores busy and context switches a second, and the three processes whose cores rose
+/// the most.
+fn worst_second_line(run: &Value) -> Option<String> {
+    let worst = run["e2e_worst_seconds"].get(0)?;
+    let during = worst.get("during").filter(|d| !d.is_null())?;
+    let average = |name: &str| run["processes"][name]["cores"].as_f64().unwrap_or(0.0);
+    let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    // The processes whose most cores in a second rose the most above their run's average.
+    let mut rose: Vec<(&String, f64)> = during["peak"]["cores_by_process"]
+        .as_object()?
+        .iter()
+        .filter_map(|(name, most)| Some((name, most.as_f64()?)))
+        .collect();
+    rose.sort_by(|a, b| (b.1 - average(b.0)).total_cmp(&(a.1 - average(a.0))));
+    let processes: Vec<String> = rose
+        .iter()
+        .take(3)
+        .map(|(name, most)| {
+            let cores = number(&during["cores_by_process"][name.as_str()]);
+            format!("{name} {cores:.2} cores, at most {most:.2} (run {:.2})", average(name))
+        })
+        .collect();
+    let (machine, whole) = (&during["machine"], &run["machine"]);
+    Some(format!(
+        "while the worst second's sagas ran ({:.1}-{:.1} s): the machine {:.2} cores busy (run {:.2}), {:.0} context switches/s, fewest {:.0} in a second (run {:.0}); {}",
+        number(&during["from_s"]),
+        number(&during["to_s"]),
+        number(&machine["busy_cores"]),
+        number(&whole["busy_cores"]),
+        number(&machine["context_switches_per_s"]),
+        number(&during["peak"]["fewest_context_switches_per_s"]),
+        number(&whole["context_switches_per_s"]),
+        processes.join(", ")
+    ))
+}
+
 fn print_detail(run: &Value) {
     println!("\n{} at {} orders/s:", run["label"].as_str().unwrap_or(""), run["offered_per_s"]);
     println!(
@@ -877,6 +926,9 @@ fn print_detail(run: &Value) {
         .collect();
     if !worst.is_empty() {
         println!("  sagas above the p99 by the second of their order: {}", worst.join(", "));
+    }
+    if let Some(line) = worst_second_line(run) {
+        println!("  {line}");
     }
     println!(
         "  order placed to saga started (ms) {}; of which the order API's answer {}",

@@ -475,8 +475,7 @@ saga_outbox_dwell_seconds_count 100
         assert_eq!(Buckets::default().quantile(0.5), None);
     }
 
-    /// A backlog sampled each second for `seconds`: `level` plus `growth` per second, plus the
-    /// noise of sagas ending in bursts (a deterministic ± `noise`).
+    /// A reading at `at` seconds: two processes' CPU seconds so far and the machine's.
     fn tick(at: f64, orchestrator: f64, kafka: f64, busy: f64, context_switches: u64) -> Tick {
         Tick {
             at,
@@ -522,6 +521,8 @@ saga_outbox_dwell_seconds_count 100
         assert!(during(&[], 0.0, 1.0).is_none());
     }
 
+    /// A backlog sampled each second for `seconds`: `level` plus `growth` per second, plus the
+    /// noise of sagas ending in bursts (a deterministic ± `noise`).
     fn series(seconds: u32, level: f64, growth: f64, noise: f64) -> Vec<(f64, i64)> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);

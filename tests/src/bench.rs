@@ -167,8 +167,13 @@ impl MachineTime {
             "busy_cores": cores(self.busy, earlier.busy),
             "idle_cores": cores(self.idle, earlier.idle),
             "steal_cores": cores(self.steal, earlier.steal),
-            "context_switches_per_s": self.context_switches.saturating_sub(earlier.context_switches) as f64 / wall,
+            "context_switches_per_s": self.context_switches_per_s(earlier, wall),
         })
+    }
+
+    /// Context switches a second from `earlier` to `self`, over `wall` seconds.
+    pub fn context_switches_per_s(&self, earlier: &Self, wall: f64) -> f64 {
+        self.context_switches.saturating_sub(earlier.context_switches) as f64 / wall
     }
 }
 
@@ -399,7 +404,7 @@ pub fn during(ticks: &[Tick], from: f64, to: f64) -> Option<serde_json::Value> {
             *entry = entry.max(c);
         }
         if let (Some(a), Some(b)) = (&pair[0].machine, &pair[1].machine) {
-            let rate = b.context_switches.saturating_sub(a.context_switches) as f64 / (pair[1].at - pair[0].at);
+            let rate = b.context_switches_per_s(a, pair[1].at - pair[0].at);
             fewest_switches = Some(fewest_switches.map_or(rate, |f| f.min(rate)));
         }
     }
